@@ -1,0 +1,107 @@
+"""LoRA (Hu et al., 2021, arXiv 2106.09685) and rsLoRA (Kalajdzievski, 2023, arXiv 2312.03732).
+
+    y = W0 x + b + s · B (A dropout(x)),     A ∈ R^{r×in}, B ∈ R^{out×r},  ΔW = s·B A
+
+with ``s = α / r`` (LoRA, eq. 3 of the paper's §4.1) or ``s = α / √r`` (rsLoRA). A starts
+Kaiming-uniform (a = √5), B at zero, so the adapted model equals the base model at step 0.
+
+The scale is applied to the rank-r intermediate ``A x`` rather than to the out-sized result:
+the same function, r/out of the multiplications.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorafit.config import check_range
+
+
+@dataclass
+class LoRAConfig:
+    """``adapter=lora`` (and ``adapter=rslora``: the same with ``use_rslora=true``).
+
+    Attributes:
+        r: rank of the update. Default: 8.
+        alpha: scale numerator; s = alpha/r (or alpha/sqrt(r) with use_rslora). Default: 16.
+        dropout: dropout on the adapter path only. Default: 0.0.
+        use_rslora: rank-stabilised scaling alpha/sqrt(r). Default: false.
+        target_modules: name patterns of the layers to adapt (see ``find_targets``); empty means
+            the architecture's defaults (BERT: query/key/value/dense; Llama: q/k/v/o/gate/up/down_proj).
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    use_rslora: bool = False
+    target_modules: Optional[list[str]] = None
+
+    def __post_init__(self) -> None:
+        check_range("adapter.r", self.r, 1)
+        check_range("adapter.alpha", self.alpha, 0, low_inclusive=False)
+        check_range("adapter.dropout", self.dropout, 0.0, 1.0)
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def check(self, name: str, layer: nn.Module) -> Optional[str]:
+        if not isinstance(layer, nn.Linear):
+            return f"{name} is a {type(layer).__name__}, not nn.Linear"
+        return None
+
+    def wrap(self, layer: nn.Linear) -> "LoRALinear":
+        return LoRALinear(layer, r=self.r, scaling=self.scaling, dropout=self.dropout)
+
+
+class LoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus the low-rank update ``s·B A``."""
+
+    def __init__(self, base: nn.Linear, r: int, scaling: float, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.base = base
+        self.r = r
+        self.scaling = scaling
+        # Adapter weights stay fp32 even on a half-precision base: the update is small and
+        # its optimizer state must not round away.
+        factory = {"device": base.weight.device, "dtype": torch.float32}
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, **factory))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self.disabled = False
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = s · B A (out × in, fp32)."""
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    def merged_weight(self) -> torch.Tensor:
+        return self.base.weight.float() + self.delta_weight()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if self.disabled or self.merged:
+            return out
+        h = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A) * self.scaling  # (..., r)
+        return out + F.linear(h, self.lora_B).to(out.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.base.weight.data = self.merged_weight().to(self.base.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.base.weight.data = (self.base.weight.float() - self.delta_weight()).to(self.base.weight.dtype)
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, scaling={self.scaling:g}"

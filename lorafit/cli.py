@@ -1,0 +1,183 @@
+"""``lorafit train | merge | eval``: the command line.
+
+``lorafit train [--recipe FILE] [overrides]`` composes ``configs/train.yaml`` with Hydra, applies a
+recipe (a diff-only Hydra file, see ``recipes/``) and the overrides, validates everything against
+the schema, then assembles the model and runs the trainer. Overrides accept ``+adapter=dora`` as
+well as ``adapter=dora``, and ``optim`` as the short name of ``optimizer``.
+
+Every mistake a user can make on the command line ends in one paragraph naming the bad value and
+the fix (exit code 2), never in a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from lorafit.config import GROUP_ALIASES, GROUPS, ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def rewrite_overrides(overrides: Sequence[str], groups: Sequence[str] = GROUPS) -> list[str]:
+    """``+adapter=dora`` → ``adapter=dora``; ``optim=ctr`` / ``optim.lr=1`` → ``optimizer=...``.
+
+    The groups already have a default in ``train.yaml``, so Hydra's "append" form (``+group=x``)
+    would fail; both spellings mean "choose option x" here.
+    """
+    out = []
+    for item in overrides:
+        key, eq, value = item.partition("=")
+        plus = key.startswith("+") and not key.startswith("++")
+        bare = key[1:] if plus else key
+        head, dot, rest = bare.partition(".")
+        head = GROUP_ALIASES.get(head, head)
+        bare = head + dot + rest
+        if plus and head in groups and not dot:
+            key = bare  # choose a group option
+        else:
+            key = ("+" if plus else "") + bare
+        out.append(key + eq + value)
+    return out
+
+
+def _hydra_error(exc: Exception) -> ConfigError:
+    """Turn a Hydra composition error into one readable paragraph."""
+    text = " ".join(str(exc).split())
+    if "Could not find" in text and "Available options" in text:
+        return ConfigError(f"{text}. Pick one of the listed options (e.g. adapter=lora).")
+    if "is not in struct" in text or "Could not override" in text or "Could not append" in text:
+        key = text.split("'")[1] if "'" in text else text
+        group = key.split(".")[0]
+        hint = (f" Its allowed keys are listed by `lorafit train --help-config {group}`." if group in GROUPS
+                else " Top-level keys: output_dir, seed, max_steps, num_epochs, eval_every, save_every, "
+                     "log_every, keep_checkpoints, resume, max_grad_norm, tensorboard, progress; config groups: "
+                     + ", ".join(GROUPS) + " (optim = optimizer).")
+        return ConfigError(f"Unknown config key '{key}' in the overrides.{hint} Check its spelling.")
+    return ConfigError(f"Could not compose the config: {text}")
+
+
+def compose(config_name: str, overrides: Sequence[str], recipe: Optional[str] = None) -> Any:
+    """Compose ``configs/<config_name>.yaml`` + recipe + overrides into a DictConfig."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    overrides = rewrite_overrides(overrides)
+    with tempfile.TemporaryDirectory() as tmp:
+        if recipe is not None:
+            path = Path(recipe)
+            if not path.is_file():
+                raise ConfigError(f"Recipe file '{recipe}' does not exist. Recipes live in recipes/ "
+                                  f"(e.g. --recipe recipes/sst2_lora.yaml).")
+            (Path(tmp) / "recipe").mkdir()
+            shutil.copy(path, Path(tmp) / "recipe" / "selected.yaml")
+            overrides = [f"hydra.searchpath=[file://{tmp}]", "+recipe=selected", *overrides]
+        GlobalHydra.instance().clear()
+        try:
+            with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+                return hydra_compose(config_name=config_name, overrides=list(overrides))
+        except ConfigError:
+            raise
+        except Exception as exc:  # Hydra's own exceptions carry no common base class worth naming
+            raise _hydra_error(exc) from None
+        finally:
+            GlobalHydra.instance().clear()
+
+
+def help_config(group: str) -> str:
+    """The keys (with defaults) of every option of a group, for ``--help-config GROUP``."""
+    import dataclasses
+    from omegaconf import OmegaConf
+    from lorafit.config import _schema_of
+
+    group = GROUP_ALIASES.get(group, group)
+    lines = []
+    for file in sorted((CONFIG_DIR / group).glob("*.yaml")):
+        node = OmegaConf.load(file)
+        schema = _schema_of(node, group)
+        fields = ", ".join(f"{f.name}" for f in dataclasses.fields(schema))
+        lines.append(f"{group}={file.stem}  ({schema.__module__}.{schema.__name__}): {fields}")
+    return "\n".join(lines) or f"No config group named '{group}'. Groups: {', '.join(GROUPS)}."
+
+
+# ---------------------------------------------------------------------------------- commands
+def cmd_train(args: argparse.Namespace) -> int:
+    from lorafit.config import validate
+    from lorafit.run import train
+
+    cfg = validate(compose("train", args.overrides, args.recipe))
+    train(cfg)
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from lorafit.merge import merge
+
+    merge(args.run_dir, args.out_dir, base_model=args.base_model)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from lorafit.config import EvalConfig, validate
+    from lorafit.run import evaluate_model
+
+    cfg = validate(compose("eval", args.overrides), EvalConfig, groups=("data", "hardware"))
+    evaluate_model(args.model, cfg)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorafit", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="fine-tune with an adapter (Hydra overrides: key=value ...)")
+    p.add_argument("--recipe", help="a recipe YAML from recipes/ (diff-only over configs/train.yaml)")
+    p.add_argument("--help-config", metavar="GROUP", help="list the options and keys of a config group")
+    p.add_argument("overrides", nargs="*", help="e.g. model=minilm +adapter=lora adapter.r=8 max_steps=100")
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("merge", help="fold RUN's adapter into the base model; write a plain HF folder")
+    p.add_argument("run_dir", help="a training run folder (or its adapter/ or a checkpoint)")
+    p.add_argument("out_dir", help="where to write the merged Hugging Face model folder")
+    p.add_argument("--base-model", help="the base model (default: the one recorded at training)")
+    p.set_defaults(func=cmd_merge)
+    p = sub.add_parser("eval", help="score a base model folder, a run folder or a merged folder")
+    p.add_argument("model", help="a Hugging Face model folder, a run folder or a merged folder")
+    p.add_argument("overrides", nargs="*", help="e.g. suite=glue data.task=sst2 data.path=DIR output_dir=EVAL")
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def quiet_libraries() -> None:
+    """Keep the terminal for lorafit's own progress: no load reports or per-map progress bars."""
+    import os
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import datasets
+    import transformers
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = build_parser().parse_args(argv)
+    quiet_libraries()
+    if getattr(args, "help_config", None):
+        print(help_config(args.help_config))
+        sys.exit(0)
+    try:
+        code = args.func(args)
+    except ConfigError as exc:
+        from rich.console import Console
+        Console(stderr=True).print(f"[bold red]lorafit {args.command}: error:[/] {exc}", highlight=False)
+        code = 2
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

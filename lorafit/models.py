@@ -1,0 +1,132 @@
+"""Load a base model and its tokenizer; default adapter targets per architecture.
+
+Tasks: ``classification`` and ``regression`` (``AutoModelForSequenceClassification``, encoders
+and decoders alike) and ``causal_lm`` (``AutoModelForCausalLM``). The data config decides the task
+and the number of labels; the model config decides which weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification,
+                          AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase)
+
+from lorafit.config import ConfigError, ModelConfig
+
+TASKS = ("classification", "regression", "causal_lm")
+
+# Adapter targets when the user names none: the attention and MLP projections of each family.
+DEFAULT_TARGETS = {
+    "bert": ["query", "key", "value", "dense"],
+    "roberta": ["query", "key", "value", "dense"],
+    "deberta-v2": ["query_proj", "key_proj", "value_proj", "dense"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def default_targets(model: PreTrainedModel) -> list[str]:
+    """The default target-module names for ``model``'s architecture (``all-linear`` if unknown)."""
+    return DEFAULT_TARGETS.get(model.config.model_type, ["all-linear"])
+
+
+def head_module_names(model: PreTrainedModel) -> list[str]:
+    """Top-level modules outside the backbone (e.g. ``classifier``, ``score``, ``lm_head``)."""
+    prefix = model.base_model_prefix
+    return [name for name, _ in model.named_children() if name != prefix]
+
+
+def _override_dropout(config: PretrainedConfig, p: float) -> None:
+    """Set every dropout probability in ``config`` (hidden, attention, classifier ...) to ``p``."""
+    for key, value in list(config.to_dict().items()):
+        if ("dropout" in key) and isinstance(value, (float, int)) and not isinstance(value, bool):
+            setattr(config, key, p)
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    source = cfg.tokenizer or cfg.name_or_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"Could not load a tokenizer from '{source}': {str(exc).splitlines()[0]} "
+                          f"Set model.tokenizer (or model.name_or_path) to a folder holding tokenizer files, "
+                          f"or a hub id if this machine has a network.") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def load_model(cfg: ModelConfig, task: str, num_labels: int = 2, seed: int = 0,
+               tokenizer: PreTrainedTokenizerBase | None = None) -> PreTrainedModel:
+    """Build the base model for ``task``; new heads are initialised from ``seed``.
+
+    A model with ``cfg.build`` set is built from that config dict with random weights (tests,
+    ``model=tiny_llama``); otherwise weights come from ``cfg.name_or_path``.
+    """
+    if task not in TASKS:
+        raise ConfigError(f"Unknown task {task!r}; allowed: {', '.join(TASKS)}.")
+    auto_cls = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
+    extra = {} if task == "causal_lm" else {"num_labels": 1 if task == "regression" else num_labels}
+    if task == "regression":
+        extra["problem_type"] = "regression"
+    torch.manual_seed(seed)  # new heads (and built models) get reproducible weights
+    if cfg.build is not None:
+        build = dict(cfg.build)
+        model_type = build.pop("model_type", None)
+        if model_type is None:
+            raise ConfigError("model.build needs a 'model_type' key (e.g. llama) next to the sizes.")
+        if tokenizer is not None:
+            build.setdefault("vocab_size", len(tokenizer))
+            build.setdefault("pad_token_id", tokenizer.pad_token_id)
+        config = AutoConfig.for_model(model_type, **build, **extra)
+        if cfg.dropout is not None:
+            _override_dropout(config, cfg.dropout)
+        model = auto_cls.from_config(config)
+    else:
+        try:
+            config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code, **extra)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"Could not load a model config from model.name_or_path='{cfg.name_or_path}': "
+                              f"{str(exc).splitlines()[0]} Give a local Hugging Face folder (with config.json) "
+                              f"or a hub id on a machine with a network.") from None
+        if cfg.dropout is not None:
+            _override_dropout(config, cfg.dropout)
+        model = auto_cls.from_pretrained(cfg.name_or_path, config=config, dtype=DTYPES[cfg.dtype],
+                                         trust_remote_code=cfg.trust_remote_code)
+    if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def fingerprint(model: nn.Module, names: Iterable[str] | None = None, samples: int = 4096) -> str:
+    """A cheap, stable fingerprint of the base weights (names, shapes and a strided sample).
+
+    Hashing every byte of a 7B model takes minutes; a strided sample of each tensor tells two
+    different bases apart just as well. Adapter and head tensors are excluded by passing
+    ``names`` (the base parameters to hash).
+    """
+    params = dict(model.named_parameters())
+    digest = hashlib.sha256()
+    for name in sorted(names if names is not None else params):
+        tensor = params[name].detach().float().flatten()
+        stride = max(1, tensor.numel() // samples)
+        digest.update(name.encode())
+        digest.update(str(tuple(params[name].shape)).encode())
+        digest.update(tensor[::stride].cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def save_base(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
+    """Write a (built, randomly initialised) base model so merge and eval can find it later."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)

@@ -1,0 +1,188 @@
+"""What ``lorafit train`` and ``lorafit eval`` do, as plain functions (the CLI only parses)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from rich.console import Console
+from rich.table import Table
+
+from lorafit.assemble import assemble, find_adapter_dir, load_adapted
+from lorafit.config import ConfigError, EvalConfig, HardwareConfig, TrainConfig, to_yaml
+from lorafit.data.tasks import tokenize
+from lorafit.evaluate import predict, score
+from lorafit.models import save_base
+from lorafit.train.trainer import Trainer
+
+console = Console(stderr=True)
+
+
+def make_accelerator(hardware: HardwareConfig) -> Accelerator:
+    if hardware.device == "gpu" and not torch.cuda.is_available():
+        raise ConfigError("hardware=gpu but no CUDA device is visible. Use hardware=cpu (or hardware=auto).")
+    return Accelerator(cpu=hardware.device == "cpu", mixed_precision=hardware.mixed_precision)
+
+
+def _cache_key(data_cfg: Any, tokenizer: Any) -> str:
+    text = to_yaml(data_cfg) + str(getattr(tokenizer, "name_or_path", "")) + str(len(tokenizer))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def callbacks_of(*parts: Any) -> list:
+    """Trainer callbacks contributed by the adapter, init and optimizer configs."""
+    found = []
+    for part in parts:
+        make = getattr(part, "callbacks", None)
+        if make is not None:
+            found.extend(make())
+    return found
+
+
+def train(cfg: TrainConfig) -> dict[str, dict]:
+    """Assemble the model, tokenise the data once, run the trainer; returns final eval metrics."""
+    accelerator = make_accelerator(cfg.hardware)
+    set_seed(cfg.seed)
+    run_dir = Path(cfg.output_dir)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    data = cfg.data
+    assembled = assemble(cfg.model, cfg.adapter, cfg.init, data.task_type, data.num_labels, seed=cfg.seed)
+    if cfg.model.build is not None:
+        # A built (random) base exists nowhere else: keep it so merge and eval can find it.
+        base_dir = run_dir / "base"
+        if accelerator.is_main_process and not (base_dir / "config.json").is_file():
+            from lorafit.adapters import adapters_disabled  # noqa: F401  (the base is saved unadapted)
+            _save_unadapted_base(assembled, base_dir)
+        assembled.meta["base_model"] = str(base_dir.resolve())
+    cache = run_dir / "cache" / _cache_key(data, assembled.tokenizer)
+    with accelerator.main_process_first():
+        train_set = tokenize(data, "train", assembled.tokenizer, cache)
+        eval_sets = {data.split_name(s): tokenize(data, s, assembled.tokenizer, cache) for s in data.eval_splits}
+    trainer = Trainer(cfg, assembled, train_set, eval_sets,
+                      callbacks_of(cfg.adapter, cfg.init, cfg.optimizer), accelerator)
+    if accelerator.is_main_process:
+        n_train = sum(p.numel() for p in trainer.params)
+        n_all = sum(p.numel() for p in assembled.model.parameters())
+        console.print(f"lorafit train: {type(cfg.adapter).__name__} on {len(assembled.layers)} layers of "
+                      f"{cfg.model.name_or_path}; trainable {n_train:,} of {n_all:,} parameters "
+                      f"({100 * n_train / n_all:.2f}%); {trainer.total_steps} steps → {run_dir}")
+    before = trainer.evaluate() if (cfg.eval_at_start and eval_sets and not cfg.resume) else None
+    after = trainer.fit()
+    if accelerator.is_main_process and after:
+        print_results(after, before, title=f"{run_dir} (dev)")
+    return after
+
+
+def _save_unadapted_base(assembled: Any, folder: Path) -> None:
+    """Write the built base model (weights as before the adapter was attached)."""
+    from lorafit.adapters import adapter_layers
+    import copy
+    model = copy.deepcopy(assembled.model)
+    for name, layer in adapter_layers(model).items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.base)
+    save_base(model, assembled.tokenizer, folder)
+
+
+def print_results(results: dict[str, dict], before: Optional[dict[str, dict]] = None, title: str = "") -> None:
+    table = Table(title=title)
+    table.add_column("split")
+    table.add_column("metric")
+    if before:
+        table.add_column("before", justify="right")
+    table.add_column("after" if before else "value", justify="right")
+    for split, metrics in results.items():
+        for name, value in metrics.items():
+            cells = [split, name]
+            if before:
+                old = before.get(split, {}).get(name)
+                cells.append("" if old is None else _fmt(old))
+            cells.append(_fmt(value))
+            table.add_row(*cells)
+    Console().print(table)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+# ------------------------------------------------------------------------------------- eval
+def load_for_eval(path: str, data: Any) -> tuple[Any, Any, str]:
+    """A model to score: a run / adapter folder (adapter applied, not merged) or a plain HF folder."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    adapter_dir = find_adapter_dir(path)
+    if adapter_dir is not None:
+        assembled = load_adapted(adapter_dir)
+        if assembled.meta["task"] != data.task_type:
+            raise ConfigError(f"{path} was trained for {assembled.meta['task']}, but data={type(data).__name__} "
+                              f"is a {data.task_type} task. Evaluate it on matching data.")
+        return assembled.model, assembled.tokenizer, "adapter (unmerged)"
+    if not (Path(path) / "config.json").is_file():
+        raise ConfigError(f"'{path}' is neither a lorafit run folder (adapter/adapter_config.json) nor a Hugging "
+                          f"Face model folder (config.json). Give a run folder, a merged folder or a base model.")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if data.task_type == "causal_lm":
+        return AutoModelForCausalLM.from_pretrained(path), tokenizer, "plain"
+    config = AutoConfig.from_pretrained(path)
+    expected = 1 if data.task_type == "regression" else data.num_labels
+    has_head = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+    if not has_head or config.num_labels != expected:
+        console.print(f"[yellow]warning:[/] {path} has no trained {expected}-label classification head; "
+                      f"a new random head is used, so scores are near chance.")
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=expected, ignore_mismatched_sizes=True,
+        **({"problem_type": "regression"} if data.task_type == "regression" else {}))
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer, "plain"
+
+
+def evaluate_model(path: str, cfg: EvalConfig) -> dict[str, dict]:
+    """``lorafit eval``: score ``path`` on the data's dev splits; write results.json (+ predictions)."""
+    from rich.progress import Progress
+
+    data = cfg.data
+    if cfg.limit is not None:
+        data.max_eval_examples = cfg.limit
+    accelerator = make_accelerator(cfg.hardware)
+    model, tokenizer, kind = load_for_eval(path, data)
+    model.to(accelerator.device)
+    out_dir = Path(cfg.output_dir) if cfg.output_dir else Path(path)
+    results, predictions = {}, {}
+    with Progress(console=console, disable=not accelerator.is_main_process) as progress:
+        for split in data.eval_splits:
+            dataset = tokenize(data, split, tokenizer, None)
+            name = data.split_name(split)
+            bar = progress.add_task(f"eval {name}", total=len(dataset))
+            result = predict(model, dataset, data.task_type, cfg.batch_size, tokenizer.pad_token_id,
+                             accelerator.device, accelerator, progress=lambda n, b=bar: progress.advance(b, n))
+            results[name] = score(data, result)
+            predictions[name] = result
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+        if cfg.save_predictions:
+            write_predictions(out_dir / "predictions.jsonl", predictions)
+        print_results(results, title=f"{path} [{kind}]")
+        console.print(f"results → {out_dir / 'results.json'}")
+    return results
+
+
+def write_predictions(file: Path, predictions: dict[str, dict]) -> None:
+    with open(file, "w") as f:
+        for split, result in predictions.items():
+            for idx, (label, pred) in enumerate(zip(result.get("labels", []), result.get("predictions", []))):
+                record = {"idx": idx, "label": label, "prediction": pred}
+                if len(predictions) > 1:
+                    record["split"] = split
+                f.write(json.dumps(record) + "\n")

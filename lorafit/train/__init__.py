@@ -1,0 +1,1 @@
+"""The training loop (``trainer.py``), its event protocol (``callbacks.py``) and checkpoints."""

@@ -1,0 +1,46 @@
+"""The events a method can listen to during training.
+
+Adapters, inits and step rules return callbacks from their config's ``callbacks()``; the trainer
+calls every callback at each event, in order. All counting is in optimizer steps
+(``trainer.step``), never forward calls. Whatever a callback learns goes into
+``state_dict()`` so that a resumed run ends with the same adapter as an uninterrupted one.
+
+Events, in the order they happen:
+
+- ``on_train_start(trainer)``: once, after resume, before the first step (data-driven inits);
+- ``extra_loss(trainer) -> Tensor | None``: a regulariser added to each step's loss;
+- ``after_backward(trainer)``: gradients of the whole step are accumulated (and synced);
+- ``before_optimizer_step(trainer)``: after clipping (gradient transforms, e.g. preconditioning);
+- ``after_optimizer_step(trainer)``: before ``zero_grad`` (rank allocators, masks);
+- ``on_evaluate(trainer, metrics)`` and ``on_save(trainer, folder)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+
+class Callback:
+    """No-op base: override only the events you need."""
+
+    def on_train_start(self, trainer: Any) -> None: ...
+
+    def extra_loss(self, trainer: Any) -> Optional[torch.Tensor]:
+        return None
+
+    def after_backward(self, trainer: Any) -> None: ...
+
+    def before_optimizer_step(self, trainer: Any) -> None: ...
+
+    def after_optimizer_step(self, trainer: Any) -> None: ...
+
+    def on_evaluate(self, trainer: Any, metrics: dict) -> None: ...
+
+    def on_save(self, trainer: Any, folder: Any) -> None: ...
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None: ...

@@ -1,0 +1,57 @@
+"""Step checkpoints: adapter + optimizer/scheduler/RNG/callback state, written atomically.
+
+``RUN/checkpoints/step-000050/`` holds the adapter files (as ``RUN/adapter/``), and
+``trainer_state.pt`` (optimizer, scheduler, step, callbacks) plus ``rng_state_<rank>.pt`` for each
+process. A checkpoint is written into ``step-000050.tmp`` and renamed when complete, so a run
+killed at any moment leaves either the previous checkpoint or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step-{step:06d}"
+
+
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The complete checkpoint with the highest step, or None."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))]
+    return max(found)[1] if found else None
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    root = Path(run_dir) / "checkpoints"
+    found = sorted(p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name))
+    for old in found[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob("*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)

@@ -1,0 +1,281 @@
+"""The training loop: one method, one step, on ``accelerate``.
+
+The trainer knows nothing of any method. It owns the data order, accumulation, precision,
+clipping, logging, evaluation and checkpoints; adapters, inits and step rules reach in only
+through the callback events of ``lorafit.train.callbacks``.
+
+What one optimizer step does (:meth:`Trainer.train_step`):
+
+1. take the step's global batch (``data.batch_size`` examples, from a per-epoch permutation
+   seeded by ``seed``), keep this process's share, split it into ``grad_accum_steps`` micro-batches;
+2. count the loss terms of the whole step on every process (examples, or labelled tokens);
+3. for each micro-batch: forward under autocast, the *summed* loss × processes / global count,
+   backward (gradient sync only on the last micro-batch); callbacks may add a regulariser;
+4. ``after_backward`` → clip → ``before_optimizer_step`` → ``optimizer.step()`` →
+   ``after_optimizer_step`` → scheduler step → ``zero_grad``.
+
+Normalising by the global count makes the gradient the exact mean over the global batch, so
+one process, two processes or several accumulation steps give the same update up to round-off,
+and the data order depends only on the step, so a resumed run sees exactly the batches an
+uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from accelerate import Accelerator
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from lorafit.adapters import adapter_state_dict, load_adapter_state, trainable_parameters
+from lorafit.assemble import Assembled, save_adapter
+from lorafit.config import ConfigError, TrainConfig
+from lorafit.data.tasks import collate, count_loss_units
+from lorafit.evaluate import model_inputs, predict, score, task_loss
+from lorafit.train.callbacks import Callback
+from lorafit.train.checkpoint import (checkpoint_dir, latest_checkpoint, prune_checkpoints, rng_state,
+                                      set_rng_state)
+
+console = Console(stderr=True)
+
+
+class Trainer:
+    """Fit an assembled model on a tokenised training set.
+
+    Args:
+        cfg: the validated run config.
+        assembled: model + tokenizer + adapter metadata from :func:`lorafit.assemble.assemble`.
+        train_set: tokenised training examples (a ``datasets.Dataset``).
+        eval_sets: tokenised evaluation splits by result name (``{"sst2": ds}``).
+        callbacks: event listeners gathered from the adapter, init and optimizer configs.
+        accelerator: the ``accelerate.Accelerator`` of this process.
+    """
+
+    def __init__(self, cfg: TrainConfig, assembled: Assembled, train_set: Any, eval_sets: dict[str, Any],
+                 callbacks: list[Callback], accelerator: Accelerator) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(cfg.output_dir)
+        self.assembled = assembled
+        self.task = assembled.meta["task"]
+        self.pad_id = assembled.tokenizer.pad_token_id
+        self.train_set = train_set
+        self.eval_sets = eval_sets
+        self.callbacks = callbacks
+        self.accelerator = accelerator
+        self.step = 0  # optimizer steps taken; every schedule counts these
+
+        processes, accum = accelerator.num_processes, cfg.hardware.grad_accum_steps
+        batch = cfg.data.batch_size
+        if batch % (processes * accum):
+            raise ConfigError(f"data.batch_size={batch} is the global batch per optimizer step and must divide "
+                              f"evenly across {processes} process(es) × hardware.grad_accum_steps={accum}. "
+                              f"Choose a multiple of {processes * accum}.")
+        self.micro_batch = batch // (processes * accum)
+        self.steps_per_epoch = len(train_set) // batch
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"The training set has {len(train_set)} examples, fewer than one global batch "
+                              f"(data.batch_size={batch}). Lower data.batch_size.")
+        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * self.steps_per_epoch))
+
+        named = trainable_parameters(assembled.model)
+        self.params = [p for _, p in named]
+        optimizer = cfg.optimizer.build(named)
+        self.scheduler = cfg.optimizer.make_scheduler(optimizer, self.total_steps)
+        self.model, self.optimizer = accelerator.prepare(assembled.model, optimizer)
+        self._epoch_order: tuple[int, torch.Tensor] = (-1, torch.empty(0))
+        self._writer = None
+        self._last_eval: dict[str, dict] = {}
+
+    # ----------------------------------------------------------------- data order
+    def step_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
+        """This process's micro-batches for optimizer step ``step`` (a function of the step alone)."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        if self._epoch_order[0] != epoch:
+            gen = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
+            self._epoch_order = (epoch, torch.randperm(len(self.train_set), generator=gen))
+        batch = self.cfg.data.batch_size
+        share = batch // self.accelerator.num_processes
+        chosen = self._epoch_order[1][k * batch:(k + 1) * batch]
+        mine = chosen[self.accelerator.process_index * share:(self.accelerator.process_index + 1) * share].tolist()
+        device = self.accelerator.device
+        return [{key: v.to(device) for key, v in collate(list(self.train_set.select(mine[i:i + self.micro_batch])),
+                                                           self.pad_id).items()}
+                for i in range(0, share, self.micro_batch)]
+
+    # ----------------------------------------------------------------- one step
+    def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Forward one micro-batch; its summed loss."""
+        logits = self.model(**model_inputs(batch)).logits
+        return task_loss(logits, batch["labels"], self.task)
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        acc = self.accelerator
+        self.model.train()
+        units = sum(count_loss_units(b) for b in micro_batches)
+        global_units = acc.reduce(torch.tensor(float(units), device=acc.device), "sum").item()
+        scale = acc.num_processes / max(global_units, 1.0)
+        loss_total = torch.zeros((), device=acc.device)
+        for i, batch in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            with contextlib.nullcontext() if last else acc.no_sync(self.model):
+                with acc.autocast():
+                    summed = self.loss_sum(batch)
+                    loss = summed * scale
+                    if last:
+                        for extra in filter(None, (cb.extra_loss(self) for cb in self.callbacks)):
+                            loss = loss + extra
+                acc.backward(loss)
+            loss_total += summed.detach()
+        for cb in self.callbacks:
+            cb.after_backward(self)
+        grad_norm = None
+        if self.cfg.max_grad_norm > 0:
+            grad_norm = float(acc.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
+        for cb in self.callbacks:
+            cb.before_optimizer_step(self)
+        self.optimizer.step()
+        for cb in self.callbacks:
+            cb.after_optimizer_step(self)
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        mean_loss = acc.reduce(loss_total, "sum").item() / max(global_units, 1.0)
+        return {"loss": mean_loss, "grad_norm": grad_norm}
+
+    # ----------------------------------------------------------------- the loop
+    def fit(self) -> dict[str, dict]:
+        """Train to ``total_steps`` (resuming if asked), evaluate, save ``RUN/adapter``."""
+        self.maybe_resume()
+        for cb in self.callbacks:
+            cb.on_train_start(self)
+        cfg, acc = self.cfg, self.accelerator
+        start_step = self.step
+        t0 = time.perf_counter()
+        with self.progress_bar() as progress:
+            task_id = progress.add_task("train", total=self.total_steps, completed=self.step, info="")
+            while self.step < self.total_steps:
+                t_step = time.perf_counter()
+                stats = self.train_step(self.step_batches(self.step))
+                stats.update(step=self.step, epoch=self.step / self.steps_per_epoch,
+                             lr=self.scheduler.get_last_lr()[0],
+                             samples_per_s=cfg.data.batch_size / (time.perf_counter() - t_step),
+                             elapsed_s=time.perf_counter() - t0)
+                progress.update(task_id, advance=1, info=f"loss {stats['loss']:.4f}  lr {stats['lr']:.2e}  "
+                                                          f"{stats['samples_per_s']:.1f} ex/s")
+                if cfg.log_every and (self.step % cfg.log_every == 0 or self.step == self.total_steps):
+                    self.log(stats)
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
+                    self.evaluate()
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
+                    self.save_checkpoint()
+        results = self.evaluate() if self.eval_sets else {}
+        self.save_final()
+        if acc.is_main_process:
+            steps = self.step - start_step
+            console.print(f"[green]done[/]: {steps} steps in {time.perf_counter() - t0:.1f}s; "
+                          f"adapter in {self.run_dir / 'adapter'}")
+        return results
+
+    def evaluate(self) -> dict[str, dict]:
+        results = {}
+        for name, dataset in self.eval_sets.items():
+            result = predict(self.model, dataset, self.task, self.cfg.data.eval_batch_size, self.pad_id,
+                             self.accelerator.device, self.accelerator)
+            results[name] = score(self.cfg.data, result)
+            self.log({"step": self.step, "split": name, **{f"eval/{k}": v for k, v in results[name].items()}})
+        for cb in self.callbacks:
+            cb.on_evaluate(self, results)
+        self._last_eval = results
+        return results
+
+    # ----------------------------------------------------------------- output
+    def progress_bar(self) -> Progress:
+        return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                        console=console, disable=not (self.cfg.progress and self.accelerator.is_main_process))
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        record = {k: v for k, v in record.items() if v is not None}
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.cfg.tensorboard:
+            if self._writer is None:
+                from torch.utils.tensorboard import SummaryWriter
+                self._writer = SummaryWriter(str(self.run_dir / "tb"))
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("step",):
+                    tag = f"{record['split']}/{key}" if "split" in record else f"train/{key}"
+                    self._writer.add_scalar(tag, value, record["step"])
+        if "split" in record:
+            shown = ", ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in record.items()
+                              if k.startswith("eval/") and k != "eval/n")
+            console.print(f"step {record['step']}: eval {record['split']}: {shown}")
+
+    def unwrapped(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    def save_final(self) -> None:
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            save_adapter(self.run_dir / "adapter", self.unwrapped(), self.assembled.meta)
+            if self._last_eval:
+                (self.run_dir / "results.json").write_text(json.dumps(self._last_eval, indent=2))
+        if self._writer is not None:
+            self._writer.close()
+        self.accelerator.wait_for_everyone()
+
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoints/step-N`` atomically (every process adds its RNG state)."""
+        acc = self.accelerator
+        final = checkpoint_dir(self.run_dir, self.step)
+        tmp = final.with_name(final.name + ".tmp")
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            save_adapter(tmp / "adapter", self.unwrapped(), self.assembled.meta)
+            torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict(),
+                        "callbacks": [cb.state_dict() for cb in self.callbacks]}, tmp / "trainer_state.pt")
+        acc.wait_for_everyone()
+        torch.save(rng_state(), tmp / f"rng_state_{acc.process_index}.pt")
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            tmp.rename(final)
+            prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints)
+        for cb in self.callbacks:
+            cb.on_save(self, final)
+        acc.wait_for_everyone()
+        return final
+
+    def maybe_resume(self) -> None:
+        found = latest_checkpoint(self.run_dir)
+        if not self.cfg.resume:
+            if found is not None:
+                raise ConfigError(f"{self.run_dir} already holds checkpoints (latest: {found.name}). Pass "
+                                  f"resume=true to continue that run, or choose another output_dir.")
+            return
+        if found is None:
+            if self.accelerator.is_main_process:
+                console.print(f"[yellow]resume=true but no checkpoint in {self.run_dir}; starting from step 0[/]")
+            return
+        from safetensors.torch import load_file
+        load_adapter_state(self.unwrapped(), load_file(str(found / "adapter" / "adapter_model.safetensors")))
+        state = torch.load(found / "trainer_state.pt", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        for cb, cb_state in zip(self.callbacks, state["callbacks"]):
+            cb.load_state_dict(cb_state)
+        self.step = state["step"]
+        rng_file = found / f"rng_state_{self.accelerator.process_index}.pt"
+        if rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        if self.accelerator.is_main_process:
+            console.print(f"resumed from {found} (step {self.step} of {self.total_steps})")
