@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 import tempfile
@@ -25,7 +26,8 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
 def rewrite_overrides(overrides: Sequence[str], groups: Sequence[str] = GROUPS) -> list[str]:
-    """``+adapter=dora`` → ``adapter=dora``; ``optim=ctr`` / ``optim.lr=1`` → ``optimizer=...``.
+    """``+adapter=dora`` → ``adapter=dora``; ``optim=ctr`` / ``optim.lr=1`` → ``optimizer=...``;
+    ``model.dropout=0`` → ``++model.dropout=0`` (group keys are checked by the schema, not the YAML).
 
     The groups already have a default in ``train.yaml``, so Hydra's "append" form (``+group=x``)
     would fail; both spellings mean "choose option x" here.
@@ -40,24 +42,36 @@ def rewrite_overrides(overrides: Sequence[str], groups: Sequence[str] = GROUPS) 
         bare = head + dot + rest
         if plus and head in groups and not dot:
             key = bare  # choose a group option
+        elif not plus and head in groups and dot and not key.startswith(("+", "~")):
+            # A schema key absent from the option's YAML (model.dropout, data.max_train_examples)
+            # is still valid: let Hydra add it; `validate` rejects keys the schema lacks.
+            key = "++" + bare
         else:
             key = ("+" if plus else "") + bare
         out.append(key + eq + value)
     return out
 
 
-def _hydra_error(exc: Exception) -> ConfigError:
+def _hydra_error(exc: Exception, config_name: str) -> ConfigError:
     """Turn a Hydra composition error into one readable paragraph."""
+    import dataclasses
+    from lorafit.config import EvalConfig, TrainConfig
+
+    schema = EvalConfig if config_name == "eval" else TrainConfig
+    groups = [g for g in GROUPS if g in {f.name for f in dataclasses.fields(schema)}]
+    top_keys = [f.name for f in dataclasses.fields(schema) if f.name not in GROUPS]
     text = " ".join(str(exc).split())
-    if "Could not find" in text and "Available options" in text:
-        return ConfigError(f"{text}. Pick one of the listed options (e.g. adapter=lora).")
+    missing = re.search(r"Could not find '([\w-]+)/([^']+)'.*?Available options in '[\w-]+': (.*?) Config search", text)
+    if missing:
+        group, option, options = missing.groups()
+        return ConfigError(f"Unknown {group} option '{option}'. Available options for {group}: "
+                           f"{', '.join(options.split())}. Choose one, e.g. {group}={options.split()[0]}.")
     if "is not in struct" in text or "Could not override" in text or "Could not append" in text:
         key = text.split("'")[1] if "'" in text else text
         group = key.split(".")[0]
-        hint = (f" Its allowed keys are listed by `lorafit train --help-config {group}`." if group in GROUPS
-                else " Top-level keys: output_dir, seed, max_steps, num_epochs, eval_every, save_every, "
-                     "log_every, keep_checkpoints, resume, max_grad_norm, tensorboard, progress; config groups: "
-                     + ", ".join(GROUPS) + " (optim = optimizer).")
+        hint = (f" Its allowed keys are listed by `lorafit train --help-config {group}`." if group in groups
+                else f" Top-level keys of `lorafit {config_name}`: {', '.join(top_keys)}; config groups: "
+                     + ", ".join(groups) + ".")
         return ConfigError(f"Unknown config key '{key}' in the overrides.{hint} Check its spelling.")
     return ConfigError(f"Could not compose the config: {text}")
 
@@ -84,25 +98,29 @@ def compose(config_name: str, overrides: Sequence[str], recipe: Optional[str] = 
         except ConfigError:
             raise
         except Exception as exc:  # Hydra's own exceptions carry no common base class worth naming
-            raise _hydra_error(exc) from None
+            raise _hydra_error(exc, config_name) from None
         finally:
             GlobalHydra.instance().clear()
 
 
 def help_config(group: str) -> str:
     """The keys (with defaults) of every option of a group, for ``--help-config GROUP``."""
-    import dataclasses
-    from omegaconf import OmegaConf
-    from lorafit.config import _schema_of
+    from lorafit.config import _schema_of, to_object
 
     group = GROUP_ALIASES.get(group, group)
+    if group not in GROUPS:
+        return f"No config group named '{group}'. Groups: {', '.join(GROUPS)} (optim = optimizer)."
     lines = []
     for file in sorted((CONFIG_DIR / group).glob("*.yaml")):
-        node = OmegaConf.load(file)
+        node = compose("train", [f"{group}={file.stem}"])[group]
         schema = _schema_of(node, group)
-        fields = ", ".join(f"{f.name}" for f in dataclasses.fields(schema))
-        lines.append(f"{group}={file.stem}  ({schema.__module__}.{schema.__name__}): {fields}")
-    return "\n".join(lines) or f"No config group named '{group}'. Groups: {', '.join(GROUPS)}."
+        try:
+            values = vars(to_object(node, schema, group))
+        except ConfigError:  # options with a required key (data=instruct needs data.path)
+            values = {k: v for k, v in node.items() if k != "_target_"}
+        shown = ", ".join(f"{k}={v}" for k, v in values.items())
+        lines.append(f"{group}={file.stem}  [{schema.__module__}.{schema.__name__}]\n    {shown}")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------- commands
@@ -174,7 +192,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         code = args.func(args)
     except ConfigError as exc:
         from rich.console import Console
-        Console(stderr=True).print(f"[bold red]lorafit {args.command}: error:[/] {exc}", highlight=False)
+        from rich.markup import escape  # a value like `[bold]x` in the message is text, not markup
+        Console(stderr=True).print(f"[bold red]lorafit {args.command}: error:[/] {escape(str(exc))}", highlight=False)
         code = 2
     sys.exit(code)
 

@@ -191,8 +191,9 @@ def to_object(node: DictConfig | dict, schema: type, key: str) -> Any:
     label = f" ({schema.__name__})"
     for name in values:
         if name not in _field_names(schema):
+            full = f"{key}.{name}" if key else name
             raise ConfigError(
-                f"Unknown key '{key}.{name}'{label}. Allowed keys: {', '.join(_field_names(schema))}. "
+                f"Unknown key '{full}'{label}. Allowed keys: {', '.join(_field_names(schema))}. "
                 f"Check the spelling of the override or YAML key."
             )
     try:
@@ -201,7 +202,7 @@ def to_object(node: DictConfig | dict, schema: type, key: str) -> Any:
     except ConfigError:
         raise
     except ValidationError as exc:
-        bad_key = f"{key}.{exc.key}" if exc.key is not None else key
+        bad_key = (f"{key}.{exc.key}" if key else str(exc.key)) if exc.key is not None else key
         ftype = {f.name: f.type for f in dataclasses.fields(schema)}.get(str(exc.key), "?")
         raise ConfigError(f"Bad value for '{bad_key}': {exc.msg.splitlines()[0]} (expected type: {ftype}).") from None
     except ConfigKeyError as exc:  # pragma: no cover - caught above, kept for nested structures

@@ -18,6 +18,7 @@ from lorafit.config import ConfigError, EvalConfig, HardwareConfig, TrainConfig,
 from lorafit.data.tasks import tokenize
 from lorafit.evaluate import predict, score
 from lorafit.models import save_base
+from lorafit.train.checkpoint import latest_checkpoint
 from lorafit.train.trainer import Trainer
 
 console = Console(stderr=True)
@@ -49,9 +50,16 @@ def train(cfg: TrainConfig) -> dict[str, dict]:
     accelerator = make_accelerator(cfg.hardware)
     set_seed(cfg.seed)
     run_dir = Path(cfg.output_dir)
+    found = latest_checkpoint(run_dir)
+    if found is not None and not cfg.resume:
+        # Refuse before anything is written: config.yaml and metrics.jsonl belong to that run.
+        raise ConfigError(f"{run_dir} already holds checkpoints (latest: {found.name}). Pass "
+                          f"resume=true to continue that run, or choose another output_dir.")
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        if not cfg.resume:
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     data = cfg.data
     assembled = assemble(cfg.model, cfg.adapter, cfg.init, data.task_type, data.num_labels, seed=cfg.seed)
     if cfg.model.build is not None:
