@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import subprocess
 import shutil
 import sys
 import tempfile
@@ -123,6 +125,45 @@ def help_config(group: str) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------- processes
+def _launcher_process_count() -> int:
+    """``--num_processes N`` of the ``accelerate launch`` that started us (from /proc), or 0."""
+    try:
+        words = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")
+    except OSError:
+        return 0
+    for i, word in enumerate(words):
+        for flag in ("--num_processes", "--num-processes"):
+            if word == flag and i + 1 < len(words) and words[i + 1].isdigit():
+                return int(words[i + 1])
+            if word.startswith(flag + "="):
+                return int(word.split("=", 1)[1])
+    return 0
+
+
+def relaunch_cpu_processes(argv: Sequence[str]) -> Optional[int]:
+    """Make ``accelerate launch --cpu --num_processes N -m lorafit train`` run N processes.
+
+    accelerate's ``--cpu`` launcher starts a single process (it fans out only through mpirun)
+    and sets ``MASTER_PORT`` without a world size. Seeing exactly that, lorafit starts the N
+    processes itself with ``torch.distributed.run`` (gloo on CPU) and returns their exit code;
+    in any other situation it returns None and training goes on in this process.
+    """
+    env = os.environ
+    launched_simple = (env.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1") and "MASTER_PORT" in env
+                       and not any(k in env for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "PMI_SIZE",
+                                                       "OMPI_COMM_WORLD_SIZE")))
+    count = _launcher_process_count() if launched_simple else 0
+    if count <= 1:
+        return None
+    print(f"lorafit: accelerate's --cpu launcher starts one process; starting {count} CPU processes "
+          f"with torch.distributed.run instead", file=sys.stderr)
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={count}",
+           f"--master_addr={env.get('MASTER_ADDR', '127.0.0.1')}", f"--master_port={env['MASTER_PORT']}",
+           "-m", "lorafit", *argv]
+    return subprocess.run(cmd, env={**env, "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1")}).returncode
+
+
 # ---------------------------------------------------------------------------------- commands
 def cmd_train(args: argparse.Namespace) -> int:
     from lorafit.config import validate
@@ -183,7 +224,10 @@ def quiet_libraries() -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.command == "train" and (code := relaunch_cpu_processes(argv)) is not None:
+        sys.exit(code)
     quiet_libraries()
     if getattr(args, "help_config", None):
         print(help_config(args.help_config))

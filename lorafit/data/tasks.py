@@ -171,7 +171,10 @@ class InstructData(DataCommon):
 
     task_type = "causal_lm"
     num_labels = 0
-    eval_splits = ("eval",)
+
+    @property
+    def eval_splits(self) -> tuple[str, ...]:
+        return ("eval",) if self.eval_fraction > 0 else ()
 
     def __post_init__(self) -> None:
         super().__post_init__()

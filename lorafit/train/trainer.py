@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -240,6 +241,7 @@ class Trainer:
         tmp = final.with_name(final.name + ".tmp")
         acc.wait_for_everyone()
         if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a run killed while saving this step
             save_adapter(tmp / "adapter", self.unwrapped(), self.assembled.meta)
             torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
                         "scheduler": self.scheduler.state_dict(),

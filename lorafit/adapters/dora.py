@@ -1,0 +1,95 @@
+"""DoRA: weight-decomposed low-rank adaptation (Liu et al., 2024, arXiv 2402.09353).
+
+    W' = m ⊙ (W0 + s·B A) / ‖W0 + s·B A‖_row          (paper eq. 5; one norm per output row)
+    y  = (m / n) ⊙ (W0 x + s·B (A x)) + b,  n = ‖W0 + s·B A‖_row, detached (paper §4.3)
+
+``m ∈ R^{out}`` starts at the row norms of the starting weight, so W' = W0 at step 0.
+
+The row norm is computed without materialising the out×in matrix ``B A`` (methods.md):
+
+    n_i² = ‖W0_i‖² + 2s·⟨W0_i, B_i A⟩ + s²·B_i (A Aᵀ) B_iᵀ
+         = ‖W0_i‖² + 2s·Σ_k B_ik (W0 Aᵀ)_ik + s²·Σ_k (B AAᵀ)_ik B_ik
+
+which costs O(r·in·out) flops and O(r·out) memory; ``‖W0_i‖²`` is cached (W0 is frozen). The
+norm is detached, as the paper prescribes, so no graph is kept for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorafit.adapters.lora import LoRAConfig, LoRALinear
+
+
+@dataclass
+class DoRAConfig(LoRAConfig):
+    """``adapter=dora``: LoRA's keys (r, alpha, dropout, use_rslora, target_modules) plus a
+    trainable magnitude vector per adapted layer."""
+
+    def wrap(self, layer: nn.Linear) -> "DoRALinear":
+        return DoRALinear(layer, r=self.r, scaling=self.scaling, dropout=self.dropout)
+
+
+class DoRALinear(LoRALinear):
+    """LoRA's factors plus ``magnitude`` m; the direction is renormalised per output row."""
+
+    def __init__(self, base: nn.Linear, r: int, scaling: float, dropout: float = 0.0) -> None:
+        super().__init__(base, r, scaling, dropout)
+        self.magnitude = nn.Parameter(torch.empty(base.out_features, device=base.weight.device,
+                                                  dtype=torch.float32))
+        self.register_buffer("merge_norm", torch.zeros(0), persistent=False)  # n at merge time
+        self.reset_magnitude()
+
+    @torch.no_grad()
+    def reset_magnitude(self) -> None:
+        """m ← ‖W0 + s·BA‖_row; an init that changes A, B or W0 calls this again."""
+        self.magnitude.copy_(self.row_norm())
+
+    @torch.no_grad()
+    def row_norm(self) -> torch.Tensor:
+        """n = ‖W0 + s·B A‖ per output row, without forming B A (see the module docstring)."""
+        w0 = self.base.weight.float()
+        A, B, s = self.lora_A, self.lora_B, self.scaling
+        w0_norm_sq = w0.pow(2).sum(1)
+        cross = (B * (w0 @ A.T)).sum(1)               # ⟨W0_i, (BA)_i⟩, (out,)
+        quad = ((B @ (A @ A.T)) * B).sum(1)           # ‖(BA)_i‖², (out,)
+        return (w0_norm_sq + 2 * s * cross + s * s * quad).clamp_min(0).sqrt()
+
+    def delta_weight(self) -> torch.Tensor:
+        """W' − W0 (DoRA's update is not additive in B A alone)."""
+        return self.merged_weight() - self.base.weight.float()
+
+    def merged_weight(self) -> torch.Tensor:
+        if self.merged:
+            return self.base.weight.float()
+        direction = self.base.weight.float() + self.scaling * (self.lora_B @ self.lora_A)
+        return (self.magnitude / direction.norm(dim=1)).unsqueeze(1) * direction
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled or self.merged:
+            return self.base(x)
+        scale = self.magnitude / self.row_norm()                                   # (out,), norm detached
+        h = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A) * self.scaling
+        out = F.linear(x, self.base.weight) + F.linear(h, self.lora_B).to(x.dtype)  # W0 x + s B A x
+        out = out * scale.to(out.dtype)
+        return out if self.base.bias is None else out + self.base.bias
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.merge_norm = self.row_norm()
+            self.base.weight.data = self.merged_weight().to(self.base.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """W0 = W' · n / m − s·B A, with n remembered from :meth:`merge`."""
+        if self.merged:
+            w0 = self.base.weight.float() * (self.merge_norm / self.magnitude).unsqueeze(1)
+            self.merged = False
+            self.base.weight.data = (w0 - self.scaling * (self.lora_B @ self.lora_A)).to(self.base.weight.dtype)

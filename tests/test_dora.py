@@ -1,0 +1,116 @@
+"""DoRA exactness: init identity, the paper's formula, the detached norm, merge/unmerge, PEFT parity."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lorafit.adapters import adapters_disabled, fold_into_base
+from lorafit.adapters.dora import DoRAConfig, DoRALinear
+from lorafit.assemble import assemble
+
+
+def _randomise(layer: DoRALinear, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=gen) * 0.3)
+        layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.3)
+        layer.magnitude.mul_(1 + 0.2 * torch.rand(layer.magnitude.shape, generator=gen))
+
+
+def _reference_weight(w0: torch.Tensor, A: torch.Tensor, B: torch.Tensor, m: torch.Tensor, s: float) -> torch.Tensor:
+    """W' = m ⊙ (W0 + sBA) / ‖W0 + sBA‖_row, straight from methods.md (materialised)."""
+    v = w0 + s * B @ A
+    return m[:, None] * v / torch.linalg.vector_norm(v, dim=1, keepdim=True)
+
+
+@pytest.fixture
+def layer() -> DoRALinear:
+    base = nn.Linear(24, 16)
+    dora = DoRAConfig(r=4, alpha=8).wrap(base)
+    _randomise(dora, 1)
+    return dora
+
+
+def test_row_norm_without_materialising_matches_direct_norm(layer: DoRALinear) -> None:
+    direct = torch.linalg.vector_norm(layer.base.weight + layer.scaling * layer.lora_B @ layer.lora_A, dim=1)
+    assert torch.allclose(layer.row_norm(), direct, atol=1e-5)
+
+
+def test_effective_weight_matches_reference_formula(layer: DoRALinear) -> None:
+    x = torch.eye(24)
+    effective = (layer(x) - layer.base.bias).T  # column j = W' e_j
+    expected = _reference_weight(layer.base.weight, layer.lora_A, layer.lora_B, layer.magnitude, layer.scaling)
+    assert torch.allclose(effective, expected, atol=1e-5)
+    assert torch.allclose(layer.merged_weight(), expected, atol=1e-5)
+
+
+def test_norm_is_detached_in_the_gradient(layer: DoRALinear) -> None:
+    """Gradients equal those of the reference with ‖·‖ treated as a constant (paper §4.3)."""
+    x = torch.randn(5, 24)
+    layer(x).pow(2).sum().backward()
+    A = layer.lora_A.detach().clone().requires_grad_(True)
+    B = layer.lora_B.detach().clone().requires_grad_(True)
+    m = layer.magnitude.detach().clone().requires_grad_(True)
+    v = layer.base.weight + layer.scaling * B @ A
+    n = torch.linalg.vector_norm(v, dim=1).detach()
+    y = (m / n)[None] * (x @ v.T) + layer.base.bias
+    y.pow(2).sum().backward()
+    for ours, ref in ((layer.lora_A, A), (layer.lora_B, B), (layer.magnitude, m)):
+        assert torch.allclose(ours.grad, ref.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_merge_unmerge_roundtrip(layer: DoRALinear) -> None:
+    x = torch.randn(7, 24)
+    w0 = layer.base.weight.detach().clone()
+    before = layer(x)
+    layer.merge()
+    assert torch.allclose(layer(x), before, atol=1e-5)
+    layer.merge()  # idempotent
+    layer.unmerge()
+    assert torch.allclose(layer.base.weight, w0, atol=1e-5)
+    assert torch.allclose(layer(x), before, atol=1e-5)
+
+
+@pytest.mark.parametrize("which", ["minilm", "tiny_llama"])
+def test_init_identity_and_fold(which: str, minilm_cfg, tiny_llama_cfg) -> None:
+    model_cfg = minilm_cfg if which == "minilm" else tiny_llama_cfg
+    task = "classification" if which == "minilm" else "causal_lm"
+    assembled = assemble(model_cfg, DoRAConfig(r=4, alpha=8), None, task, 2, seed=0)
+    model = assembled.model.eval()
+    ids = torch.randint(5, 1000, (2, 9))
+    with adapters_disabled(model):
+        base_logits = model(input_ids=ids).logits
+    assert torch.allclose(model(input_ids=ids).logits, base_logits, atol=1e-5)
+    for i, layer in enumerate(assembled.layers.values()):
+        _randomise(layer, i)
+    adapted = model(input_ids=ids).logits
+    assert not torch.allclose(adapted, base_logits, atol=1e-3)
+    folded = fold_into_base(copy.deepcopy(model))
+    assert not any(isinstance(m, DoRALinear) for m in folded.modules())
+    assert torch.allclose(folded(input_ids=ids).logits, adapted, atol=1e-4)
+
+
+def test_parity_with_peft_dora(minilm_cfg) -> None:
+    peft = pytest.importorskip("peft")
+    assembled = assemble(minilm_cfg, DoRAConfig(r=4, alpha=8, target_modules=["query", "value"]), None,
+                         "classification", 2, seed=0)
+    ours = assembled.model.eval()
+    for i, layer in enumerate(assembled.layers.values()):
+        _randomise(layer, i)
+    from transformers import AutoModelForSequenceClassification
+    base = AutoModelForSequenceClassification.from_pretrained(minilm_cfg.name_or_path, num_labels=2)
+    base.classifier.load_state_dict(ours.classifier.state_dict())
+    theirs = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
+                                                       use_dora=True)).eval()
+    for name, layer in assembled.layers.items():
+        module = theirs.base_model.model.get_submodule(name)
+        with torch.no_grad():
+            module.lora_A["default"].weight.copy_(layer.lora_A)
+            module.lora_B["default"].weight.copy_(layer.lora_B)
+            module.lora_magnitude_vector["default"].weight.copy_(layer.magnitude)
+    ids = torch.randint(5, 1000, (3, 11))
+    assert torch.allclose(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, atol=1e-5)
