@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -27,7 +28,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lorafit import __version__
 from lorafit.adapters import adapter_state_dict, attach, find_targets, load_adapter_state
-from lorafit.config import ConfigError, ModelConfig, _schema_of, as_dict, to_object
+from lorafit.config import ConfigError, ModelConfig, schema_of, as_dict, to_object
 from lorafit.models import default_targets, fingerprint, head_module_names, load_model, load_tokenizer
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -63,7 +64,6 @@ def assemble(model_cfg: ModelConfig, adapter_cfg: Any, init_cfg: Any, task: str,
         raise ConfigError(f"adapter.target_modules={patterns} matches no linear layer of this "
                           f"{model.config.model_type} model. Linear layer names here: {', '.join(linear)}.")
     base_fp = fingerprint(model, _backbone_names(model, all_heads))
-    import torch
     torch.manual_seed(seed)  # adapter factors start the same on every process and every resume
     layers = attach(model, adapter_cfg, targets)
     if init_cfg is not None:
@@ -139,7 +139,7 @@ def load_adapted(adapter_dir: str | os.PathLike, base_model: Optional[str] = Non
     model_cfg.build = None
     model_cfg.tokenizer = None if model_cfg.tokenizer is None or base_model else model_cfg.tokenizer
     adapter_node = OmegaConf.create(meta["adapter"])
-    adapter_cfg = to_object(adapter_node, _schema_of(adapter_node, "adapter"), "adapter")
+    adapter_cfg = to_object(adapter_node, schema_of(adapter_node, "adapter"), "adapter")
     tokenizer = load_tokenizer(model_cfg)
     model = load_model(model_cfg, meta["task"], meta["num_labels"], tokenizer=tokenizer)
     heads = head_module_names(model)

@@ -12,7 +12,6 @@ the fix (exit code 2), never in a traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import subprocess
@@ -107,7 +106,7 @@ def compose(config_name: str, overrides: Sequence[str], recipe: Optional[str] = 
 
 def help_config(group: str) -> str:
     """The keys (with defaults) of every option of a group, for ``--help-config GROUP``."""
-    from lorafit.config import _schema_of, to_object
+    from lorafit.config import schema_of, to_object
 
     group = GROUP_ALIASES.get(group, group)
     if group not in GROUPS:
@@ -115,7 +114,7 @@ def help_config(group: str) -> str:
     lines = []
     for file in sorted((CONFIG_DIR / group).glob("*.yaml")):
         node = compose("train", [f"{group}={file.stem}"])[group]
-        schema = _schema_of(node, group)
+        schema = schema_of(node, group)
         try:
             values = vars(to_object(node, schema, group))
         except ConfigError:  # options with a required key (data=instruct needs data.path)

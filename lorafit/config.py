@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -166,7 +166,7 @@ class EvalConfig:
         check_range("batch_size", self.batch_size, 1)
 
 
-def _schema_of(node: DictConfig, key: str) -> type:
+def schema_of(node: DictConfig, key: str) -> type:
     """Import the dataclass named by ``node._target_``."""
     target = node.get("_target_")
     if not target:
@@ -220,7 +220,7 @@ def validate(cfg: DictConfig, top_schema: type = TrainConfig, groups: Iterable[s
     objects = {}
     for group in groups:
         if group in cfg and cfg[group] is not None:
-            objects[group] = to_object(cfg[group], _schema_of(cfg[group], group), group)
+            objects[group] = to_object(cfg[group], schema_of(cfg[group], group), group)
     rest = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in objects}
     top = to_object(rest, top_schema, "")
     for group, obj in objects.items():
@@ -269,12 +269,5 @@ def package_dir(spec: str) -> str:
     return str(Path(module.__file__).parent / sub)
 
 
-def repo_dir(sub: str) -> str:
-    """OmegaConf resolver ``${repo_dir:sub}``: a path relative to the lorafit source tree."""
-    return str(Path(__file__).resolve().parent / sub)
-
-
 if not OmegaConf.has_resolver("package_dir"):
     OmegaConf.register_new_resolver("package_dir", package_dir)
-if not OmegaConf.has_resolver("lorafit_dir"):
-    OmegaConf.register_new_resolver("lorafit_dir", repo_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
@@ -13,6 +14,7 @@ from accelerate.utils import set_seed
 from rich.console import Console
 from rich.table import Table
 
+from lorafit.adapters import adapter_layers
 from lorafit.assemble import assemble, find_adapter_dir, load_adapted
 from lorafit.config import ConfigError, EvalConfig, HardwareConfig, TrainConfig, to_yaml
 from lorafit.data.tasks import tokenize
@@ -66,7 +68,6 @@ def train(cfg: TrainConfig) -> dict[str, dict]:
         # A built (random) base exists nowhere else: keep it so merge and eval can find it.
         base_dir = run_dir / "base"
         if accelerator.is_main_process and not (base_dir / "config.json").is_file():
-            from lorafit.adapters import adapters_disabled  # noqa: F401  (the base is saved unadapted)
             _save_unadapted_base(assembled, base_dir)
         assembled.meta["base_model"] = str(base_dir.resolve())
     cache = run_dir / "cache" / _cache_key(data, assembled.tokenizer)
@@ -90,8 +91,6 @@ def train(cfg: TrainConfig) -> dict[str, dict]:
 
 def _save_unadapted_base(assembled: Any, folder: Path) -> None:
     """Write the built base model (weights as before the adapter was attached)."""
-    from lorafit.adapters import adapter_layers
-    import copy
     model = copy.deepcopy(assembled.model)
     for name, layer in adapter_layers(model).items():
         parent_name, _, child = name.rpartition(".")

@@ -17,7 +17,6 @@ norm is detached, as the paper prescribes, so no graph is kept for it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F

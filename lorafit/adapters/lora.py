@@ -12,7 +12,7 @@ the same function, r/out of the multiplications.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch

@@ -15,8 +15,7 @@ run folder), and :func:`collate` pads each micro-batch to its own longest sequen
 from __future__ import annotations
 
 import json
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 

@@ -28,14 +28,14 @@ import math
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from accelerate import Accelerator
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from lorafit.adapters import adapter_state_dict, load_adapter_state, trainable_parameters
+from lorafit.adapters import load_adapter_state, trainable_parameters
 from lorafit.assemble import Assembled, save_adapter
 from lorafit.config import ConfigError, TrainConfig
 from lorafit.data.tasks import collate, count_loss_units
