@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from lorafit.adapters.lora import LoRAConfig
 from lorafit.cli import CONFIG_DIR, compose, rewrite_overrides
 from lorafit.config import (GROUPS, ConfigError, EvalConfig, HardwareConfig, ModelConfig, TrainConfig,
-                            _schema_of, validate)
+                            schema_of, validate)
 from lorafit.data.tasks import GlueData, SentimentDemoData
 from lorafit.inits.basic import KaimingInit
 from lorafit.optim.basic import AdamWConfig, SGDConfig
@@ -56,7 +56,7 @@ def test_every_option_file_composes_and_validates(group: str, option: str) -> No
     cfg = validate(composed)
     obj = getattr(cfg, group)
     # The group is validated by the schema its _target_ names ...
-    assert type(obj) is _schema_of(composed[group], group)
+    assert type(obj) is schema_of(composed[group], group)
     # ... and every value the option file (plus its defaults) sets arrives unchanged.
     for key, value in OmegaConf.to_container(composed[group], resolve=True).items():
         if key != "_target_":
