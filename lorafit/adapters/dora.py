@@ -42,11 +42,13 @@ class DoRALinear(LoRALinear):
         self.magnitude = nn.Parameter(torch.empty(base.out_features, device=base.weight.device,
                                                   dtype=torch.float32))
         self.register_buffer("merge_norm", torch.zeros(0), persistent=False)  # n at merge time
+        self.register_buffer("w0_norm_sq", torch.zeros(0), persistent=False)  # ‖W0_i‖², empty = stale
         self.reset_magnitude()
 
     @torch.no_grad()
     def reset_magnitude(self) -> None:
         """m ← ‖W0 + s·BA‖_row; an init that changes A, B or W0 calls this again."""
+        self.w0_norm_sq = torch.zeros(0, device=self.magnitude.device)
         self.magnitude.copy_(self.row_norm())
 
     @torch.no_grad()
@@ -54,10 +56,11 @@ class DoRALinear(LoRALinear):
         """n = ‖W0 + s·B A‖ per output row, without forming B A (see the module docstring)."""
         w0 = self.base.weight.float()
         A, B, s = self.lora_A, self.lora_B, self.scaling
-        w0_norm_sq = w0.pow(2).sum(1)
+        if self.w0_norm_sq.numel() == 0:  # W0 is frozen: computed once, again only after (un)merge
+            self.w0_norm_sq = w0.pow(2).sum(1)
         cross = (B * (w0 @ A.T)).sum(1)               # ⟨W0_i, (BA)_i⟩, (out,)
         quad = ((B @ (A @ A.T)) * B).sum(1)           # ‖(BA)_i‖², (out,)
-        return (w0_norm_sq + 2 * s * cross + s * s * quad).clamp_min(0).sqrt()
+        return (self.w0_norm_sq + 2 * s * cross + s * s * quad).clamp_min(0).sqrt()
 
     def delta_weight(self) -> torch.Tensor:
         """W' − W0 (DoRA's update is not additive in B A alone)."""
@@ -83,6 +86,7 @@ class DoRALinear(LoRALinear):
         if not self.merged:
             self.merge_norm = self.row_norm()
             self.base.weight.data = self.merged_weight().to(self.base.weight.dtype)
+            self.w0_norm_sq = torch.zeros(0, device=self.magnitude.device)
             self.merged = True
 
     @torch.no_grad()
@@ -92,3 +96,4 @@ class DoRALinear(LoRALinear):
             w0 = self.base.weight.float() * (self.merge_norm / self.magnitude).unsqueeze(1)
             self.merged = False
             self.base.weight.data = (w0 - self.scaling * (self.lora_B @ self.lora_A)).to(self.base.weight.dtype)
+            self.w0_norm_sq = torch.zeros(0, device=self.magnitude.device)
