@@ -410,6 +410,14 @@ def main(argv=None) -> None:
               f"the two sides may not train the same model", file=sys.stderr)
 
     summary = summarise(timing, memory)
+    spread = max(max(r["median_step_s"] for r in timing[side]) / min(r["median_step_s"] for r in timing[side])
+                 for side in SIDES)  # same side, same work: only load makes its rounds differ
+    summary["per_round_spread"] = spread
+    if spread > 1.3:
+        print(f"warning: one side's per-round median step times differ by {spread:.2f}x (see 'load' above): other "
+              f"jobs shared the cores during some workers, so the step-time medians and ratios are "
+              f"unreliable; the fastest-step ratio is less affected. Re-run on a quieter machine.",
+              file=sys.stderr)
     import peft
     import transformers
     meta = {
