@@ -258,12 +258,9 @@ class Trainer:
         return final
 
     def maybe_resume(self) -> None:
-        found = latest_checkpoint(self.run_dir)
-        if not self.cfg.resume:
-            if found is not None:
-                raise ConfigError(f"{self.run_dir} already holds checkpoints (latest: {found.name}). Pass "
-                                  f"resume=true to continue that run, or choose another output_dir.")
+        if not self.cfg.resume:  # lorafit.run.train refused a fresh run over checkpoints already
             return
+        found = latest_checkpoint(self.run_dir)
         if found is None:
             if self.accelerator.is_main_process:
                 console.print(f"[yellow]resume=true but no checkpoint in {self.run_dir}; starting from step 0[/]")
