@@ -41,15 +41,15 @@ def check_choice(key: str, value: Any, allowed: Iterable[Any]) -> None:
 
 
 def check_range(key: str, value: float, low: float | None = None, high: float | None = None,
-                low_inclusive: bool = True) -> None:
-    """Raise :class:`ConfigError` unless ``low <= value <= high`` (``low < value`` if exclusive)."""
+                low_inclusive: bool = True, high_inclusive: bool = True) -> None:
+    """Raise :class:`ConfigError` unless ``low <= value <= high`` (strict where not inclusive)."""
     too_low = low is not None and (value < low if low_inclusive else value <= low)
-    too_high = high is not None and value > high
+    too_high = high is not None and (value > high if high_inclusive else value >= high)
     if too_low or too_high:
         lo = "-inf" if low is None else f"{low}"
         hi = "inf" if high is None else f"{high}"
-        bracket = "[" if low_inclusive else "("
-        raise ConfigError(f"Bad value for '{key}': {value!r}. It must lie in {bracket}{lo}, {hi}].")
+        left, right = "[" if low_inclusive else "(", "]" if high_inclusive else ")"
+        raise ConfigError(f"Bad value for '{key}': {value!r}. It must lie in {left}{lo}, {hi}{right}.")
 
 
 @dataclass

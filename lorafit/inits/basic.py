@@ -16,7 +16,9 @@ from torch import nn
 
 
 def _lora_factors(name: str, layer: nn.Module) -> tuple[nn.Parameter, nn.Parameter]:
-    if not (hasattr(layer, "lora_A") and hasattr(layer, "lora_B")):
+    from lorafit.adapters.lora import LoRALinear  # LoRA and its extensions (rsLoRA, DoRA, RoSA, LoRA-Dash)
+
+    if not isinstance(layer, LoRALinear):
         raise ValueError(f"init needs LoRA factors (lora_A, lora_B) but {name} is a {type(layer).__name__}; "
                          f"use the adapter's own default init (init=kaiming) with this adapter.")
     return layer.lora_A, layer.lora_B

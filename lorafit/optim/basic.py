@@ -37,6 +37,14 @@ class Schedule:
         check_range("optimizer.warmup_steps", self.warmup_steps, 0)
         check_range("optimizer.warmup_ratio", self.warmup_ratio, 0, 1)
 
+    def param_groups(self, named_params: list[tuple[str, nn.Parameter]]) -> list[dict]:
+        """One group at ``lr``, plus one per distinct ``param.lorafit_lr`` an adapter asked for
+        (e.g. RoSA's ``sparse_lr``); the schedule scales every group alike."""
+        groups: dict[float, list[nn.Parameter]] = {}
+        for _, param in named_params:
+            groups.setdefault(getattr(param, "lorafit_lr", self.lr), []).append(param)
+        return [{"params": params, "lr": lr} for lr, params in groups.items()]
+
     def make_scheduler(self, optimizer: torch.optim.Optimizer, total_steps: int):
         warmup = self.warmup_steps or int(round(self.warmup_ratio * total_steps))
         name = "constant_with_warmup" if self.scheduler == "constant" else self.scheduler
@@ -52,7 +60,7 @@ class AdamWConfig(Schedule):
     eps: float = 1e-8
 
     def build(self, named_params: list[tuple[str, nn.Parameter]]) -> torch.optim.Optimizer:
-        return torch.optim.AdamW([p for _, p in named_params], lr=self.lr, betas=(self.beta1, self.beta2),
+        return torch.optim.AdamW(self.param_groups(named_params), lr=self.lr, betas=(self.beta1, self.beta2),
                                  eps=self.eps, weight_decay=self.weight_decay)
 
 
@@ -64,5 +72,5 @@ class SGDConfig(Schedule):
     momentum: float = 0.0
 
     def build(self, named_params: list[tuple[str, nn.Parameter]]) -> torch.optim.Optimizer:
-        return torch.optim.SGD([p for _, p in named_params], lr=self.lr, momentum=self.momentum,
+        return torch.optim.SGD(self.param_groups(named_params), lr=self.lr, momentum=self.momentum,
                                weight_decay=self.weight_decay)

@@ -1,0 +1,427 @@
+"""The adapter family's shared table: every method, the same checks (issue 3).
+
+For each of lora, rslora, dora, adalora, bone, bat, rosa, spectral_a, spectral_r and lora_dash:
+
+1. init identity: right after attaching, outputs equal the base model's (1e-5) — RoSA and
+   LoRA-Dash also across their phase switches (mask chosen, directions launched);
+2. an independent reference: each layer's effective weight (measured by feeding it the identity
+   matrix) equals ΔW written out in this file straight from methods.md, not via the module's code;
+3. merge / unmerge in place: outputs kept (1e-5), W0 restored; ``lorafit merge`` after real
+   training steps gives a folder that plain ``transformers`` loads with the same logits (1e-4);
+4. save → load → the same outputs;
+5. the scheduled methods (AdaLoRA, RoSA, LoRA-Dash) resumed mid-schedule end with exactly the
+   adapter of the uninterrupted run.
+
+Every comparison first makes the adapter non-trivial (random trainable tensors, phases switched),
+so none of them could pass with a zero update. PEFT parity for Bone/Bat (MiSS) and AdaLoRA is in
+``test_peft_parity.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from lorafit.adapters import adapters_disabled
+from lorafit.adapters.adalora import AdaLoRAConfig, AdaLoRALinear
+from lorafit.adapters.bone import BatConfig, BoneConfig
+from lorafit.adapters.dora import DoRAConfig
+from lorafit.adapters.lora import LoRAConfig
+from lorafit.adapters.lora_dash import LoRADashConfig, LoRADashLinear
+from lorafit.adapters.rosa import RoSAConfig, RoSALinear
+from lorafit.adapters.spectral import SpectralConfig
+from lorafit.assemble import assemble, load_adapted, save_adapter
+from lorafit.config import ConfigError
+
+# name → (config class, test-sized options). The same options drive the CLI runs below.
+# Bone's r=20 leaves a ragged last block on every MiniLM and tiny-Llama layer (384, 1536, 32, 64).
+TABLE: dict[str, tuple[type, dict[str, Any]]] = {
+    "lora": (LoRAConfig, {"r": 4, "alpha": 8}),
+    "rslora": (LoRAConfig, {"r": 4, "alpha": 8, "use_rslora": True}),
+    "dora": (DoRAConfig, {"r": 4, "alpha": 8}),
+    "adalora": (AdaLoRAConfig, {"init_r": 6, "target_r": 3, "alpha": 8}),
+    "bone": (BoneConfig, {"r": 20}),
+    "bat": (BatConfig, {"r": 16}),
+    "rosa": (RoSAConfig, {"r": 4, "alpha": 8, "density": 0.01, "schedule": "wl1"}),
+    "spectral_a": (SpectralConfig, {"r": 4}),
+    "spectral_r": (SpectralConfig, {"r": 4, "mode": "rotation"}),
+    "lora_dash": (LoRADashConfig, {"r": 4, "alpha": 8, "t": 1, "s": 4}),
+}
+NAMES = list(TABLE)
+
+
+def make_config(name: str, **extra: Any) -> Any:
+    cls, options = TABLE[name]
+    return cls(**{**options, **extra})
+
+
+def cli_options(name: str) -> list[str]:
+    _, options = TABLE[name]
+    return [f"adapter={name}"] + [f"adapter.{k}={v}" for k, v in options.items() if k not in ("use_rslora", "mode")]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_intra_op_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------------- making it non-trivial
+@torch.no_grad()
+def switch_phases(layer: nn.Module, gen: torch.Generator) -> None:
+    """Move a scheduled layer to its last phase, as its callback would: RoSA's mask is chosen
+    (values reset to 0), LoRA-Dash's directions launched (d reset to 0)."""
+    if isinstance(layer, RoSALinear):
+        layer.set_mask(torch.rand(layer.base.weight.shape, generator=gen))
+    if isinstance(layer, LoRADashLinear):
+        layer.launch()
+
+
+@torch.no_grad()
+def perturb(layer: nn.Module, gen: torch.Generator, std: float = 0.05, switch: bool = True) -> None:
+    """Random trainable tensors (as after some training): every parameter except the base moves."""
+    if switch:
+        switch_phases(layer, gen)
+    for name, param in layer.named_parameters():
+        if not name.startswith("base."):
+            param.add_(torch.randn(param.shape, generator=gen) * std)
+    if isinstance(layer, AdaLoRALinear):  # one pruned rank, as the allocator leaves it
+        keep = torch.ones(layer.r, dtype=torch.bool)
+        keep[1] = False
+        layer.apply_mask(keep)
+
+
+def build(model_cfg, name: str, task: str = "classification", **extra: Any):
+    assembled = assemble(model_cfg, make_config(name, **extra), None, task, 2, seed=0)
+    assembled.model.eval()
+    return assembled
+
+
+@pytest.fixture(params=["minilm", "llama"])
+def arch(request, minilm_cfg, tiny_llama_cfg):
+    return (minilm_cfg, "classification") if request.param == "minilm" else (tiny_llama_cfg, "causal_lm")
+
+
+def probe_ids() -> torch.Tensor:
+    return torch.randint(5, 1000, (2, 9), generator=torch.Generator().manual_seed(7))
+
+
+@torch.no_grad()
+def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model.eval()(input_ids=ids).logits
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).detach().abs().max())
+
+
+# ------------------------------------------------------------------------------- 1. identity
+@pytest.mark.parametrize("name", NAMES)
+def test_init_identity_and_phase_switches(name: str, arch) -> None:
+    model_cfg, task = arch
+    assembled = build(model_cfg, name, task)
+    model, ids = assembled.model, probe_ids()
+    with adapters_disabled(model):
+        base = logits(model, ids)
+    assert max_diff(logits(model, ids), base) <= 1e-5
+    gen = torch.Generator().manual_seed(0)
+    for layer in assembled.layers.values():   # trained LoRA parts, schedules not yet switched
+        perturb(layer, gen, switch=False)
+    before_switch = logits(model, ids)
+    for layer in assembled.layers.values():   # RoSA's mask chosen, LoRA-Dash launched
+        switch_phases(layer, gen)
+    assert max_diff(logits(model, ids), before_switch) <= 1e-5
+    for layer in assembled.layers.values():
+        perturb(layer, gen)
+    adapted = logits(model, ids)
+    assert max_diff(adapted, base) > 1e-3                      # the comparison above could fail
+    with adapters_disabled(model):
+        assert max_diff(logits(model, ids), base) <= 1e-5
+
+
+# ---------------------------------------------------------------------- 2. independent reference
+def _tile_reference(D: torch.Tensor, in_features: int) -> torch.Tensor:
+    r = D.shape[0]
+    return torch.stack([D[c % r] for c in range(in_features)], dim=1)          # ΔW[o, c] = D[c mod r, o]
+
+
+def _bat_reference(w0: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
+    r = D.shape[-1]
+    delta = torch.zeros_like(w0)
+    for i in range(w0.shape[0] // r):
+        for j in range(w0.shape[1] // r):
+            block = w0[i * r:(i + 1) * r, j * r:(j + 1) * r]
+            delta[i * r:(i + 1) * r, j * r:(j + 1) * r] = block @ D[i] + D[i]
+    return delta
+
+
+def _cayley_reference(X: torch.Tensor) -> torch.Tensor:
+    K = (X - X.T) / 2
+    eye = torch.eye(X.shape[0], dtype=X.dtype)
+    return (eye - K) @ torch.linalg.inv(eye + K)
+
+
+def reference_weight(name: str, layer: nn.Module, cfg: Any) -> torch.Tensor:
+    """W0 + ΔW written out from methods.md, in float64, from the layer's tensors and ``cfg``."""
+    t = {k: v.detach() if k == "sparse_index" else v.detach().double() for k, v in layer.state_dict().items()}
+    w0 = t["base.weight"]
+    if name in ("lora", "rslora", "rosa", "lora_dash", "dora"):
+        s = cfg.alpha / (math.sqrt(cfg.r) if name == "rslora" else cfg.r)
+        w = w0 + s * t["lora_B"] @ t["lora_A"]
+        if name == "dora":
+            return t["magnitude"][:, None] * w / w.norm(dim=1, keepdim=True)
+        if name == "rosa":
+            dense = torch.zeros(w0.numel(), dtype=torch.float64)
+            dense[t["sparse_index"]] = t["sparse_values"] * t["sparse_on"]
+            w = w + dense.view_as(w0)
+        if name == "lora_dash":
+            w = w + t["dash_U"] @ torch.diag(t["dash_d"]) @ t["dash_V"].T
+        return w
+    if name == "adalora":
+        return w0 + t["lora_B"] @ torch.diag(t["lora_E"]) @ t["lora_A"] * (cfg.alpha / cfg.init_r)
+    if name == "bone":
+        return w0 + _tile_reference(t["bone_D"], w0.shape[1])
+    if name == "bat":
+        return w0 + _bat_reference(w0, t["bat_D"])
+    U, S, V = t["spectral_U"], t["spectral_S"], t["spectral_V"]
+    rest = w0 - U @ torch.diag(S) @ V.T
+    if name == "spectral_a":
+        return (U + t["spectral_BU"]) @ torch.diag(S) @ (V + t["spectral_BV"]).T + rest
+    return U @ _cayley_reference(t["spectral_XU"]) @ torch.diag(S) @ (V @ _cayley_reference(t["spectral_XV"])).T + rest
+
+
+@torch.no_grad()
+def effective_weight(layer: nn.Module) -> torch.Tensor:
+    """The weight a layer applies: its output on the identity matrix, minus the bias."""
+    out = layer(torch.eye(layer.base.in_features))
+    if layer.base.bias is not None:
+        out = out - layer.base.bias
+    return out.T.double()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_effective_weight_matches_the_methods_md_formula(name: str, minilm_cfg) -> None:
+    cfg = make_config(name, target_modules=["query", "intermediate.dense", "output.dense"])
+    layers = assemble(minilm_cfg, cfg, None, "classification", 2, seed=0).layers
+    gen = torch.Generator().manual_seed(1)
+    for layer_name, layer in list(layers.items())[:6]:
+        perturb(layer, gen)
+        expected = reference_weight(name, layer, cfg)
+        measured = effective_weight(layer)
+        assert max_diff(measured, expected) <= 2e-5, layer_name
+        assert max_diff(layer.merged_weight().double(), expected) <= 2e-5, layer_name
+        assert max_diff(expected, layer.base.weight.double()) > 1e-3     # ΔW is not zero
+
+
+def test_spectral_buffers_are_the_top_singular_triplets(minilm_cfg) -> None:
+    layer = build(minilm_cfg, "spectral_a", r=6).layers["bert.encoder.layer.0.attention.self.query"]
+    w0 = layer.base.weight.double()
+    U, S, V = (layer.spectral_U.double(), layer.spectral_S.double(), layer.spectral_V.double())
+    expected = torch.linalg.svdvals(w0)
+    assert max_diff(S, expected[:6]) <= 1e-4
+    assert max_diff(U.T @ U, torch.eye(6, dtype=torch.float64)) <= 1e-5
+    # what remains has exactly the other singular values: U S Vᵀ is the best rank-6 part of W0
+    assert max_diff(torch.linalg.svdvals(w0 - U @ torch.diag(S) @ V.T)[:5], expected[6:11]) <= 1e-4
+
+
+@torch.no_grad()
+def test_spectral_rotation_keeps_singular_vectors_orthonormal(minilm_cfg) -> None:
+    layer = build(minilm_cfg, "spectral_r", r=6).layers["bert.encoder.layer.0.attention.self.query"]
+    layer.spectral_XU.normal_(std=0.5)
+    layer.spectral_XV.normal_(std=0.5)
+    U2, V2 = layer.tuned_factors()
+    assert max_diff(U2.T @ U2, torch.eye(6)) <= 1e-5 and max_diff(V2.T @ V2, torch.eye(6)) <= 1e-5
+    assert max_diff(U2, layer.spectral_U) > 1e-2
+
+
+@torch.no_grad()
+def test_lora_dash_launch_picks_the_top_directions(minilm_cfg) -> None:
+    """δ_i = u_iᵀ ΔW v_i with ΔW materialised here; the launch keeps the s largest |δ_i|/σ_i."""
+    layer = build(minilm_cfg, "lora_dash").layers["bert.encoder.layer.1.attention.self.value"]
+    layer.lora_B.normal_(std=0.05)
+    U, S, Vh = torch.linalg.svd(layer.base.weight.double(), full_matrices=False)
+    delta_w = layer.delta_weight().double()
+    score = torch.stack([(U[:, i] @ delta_w @ Vh[i]).abs() / S[i] for i in range(len(S))])
+    expected = sorted(torch.topk(score, 4).indices.tolist())
+    assert layer.launch().tolist() == expected
+    for col, i in enumerate(expected):   # same singular pair, up to the SVD's sign
+        sign = torch.sign(layer.dash_U[:, col].double() @ U[:, i])
+        assert max_diff(layer.dash_U[:, col].double(), sign * U[:, i]) <= 1e-4
+        assert max_diff(layer.dash_V[:, col].double(), sign * Vh[i]) <= 1e-4
+
+
+def test_rosa_mask_is_the_top_k_of_the_score() -> None:
+    layer = RoSAConfig(r=2, density=0.05).wrap(nn.Linear(20, 10))
+    score = torch.rand(10, 20)
+    layer.set_mask(score)
+    k = int(0.05 * 200)
+    assert layer.sparse_index.numel() == k
+    assert set(layer.sparse_index.tolist()) == set(torch.topk(score.flatten(), k).indices.tolist())
+    assert layer.sparse_on.item() == 1.0
+
+
+# ------------------------------------------------------------------------------ 3. merge/unmerge
+@pytest.mark.parametrize("name", NAMES)
+def test_merge_unmerge_in_place(name: str, arch) -> None:
+    model_cfg, task = arch
+    assembled = build(model_cfg, name, task)
+    model, ids = assembled.model, probe_ids()
+    gen = torch.Generator().manual_seed(2)
+    for layer in assembled.layers.values():
+        perturb(layer, gen)
+    w0 = {n: layer.base.weight.detach().clone() for n, layer in assembled.layers.items()}
+    adapted = logits(model, ids)
+    for layer in assembled.layers.values():
+        layer.merge()
+        layer.merge()                      # twice is once
+    assert max_diff(logits(model, ids), adapted) <= 1e-4
+    assert max(max_diff(layer.base.weight, w0[n]) for n, layer in assembled.layers.items()) > 1e-4
+    for layer in assembled.layers.values():
+        layer.unmerge()
+        layer.unmerge()
+    assert max(max_diff(layer.base.weight, w0[n]) for n, layer in assembled.layers.items()) <= 1e-5
+    assert max_diff(logits(model, ids), adapted) <= 1e-4
+
+
+# A few real training steps on MiniLM (schedules switch inside them), then `lorafit merge`.
+TRAIN = ("model=minilm", "data=sentiment_demo", "data.max_train_examples=32", "data.max_eval_examples=8",
+         "data.batch_size=8", "max_steps=4", "optimizer.lr=5e-3", "progress=false", "eval_at_start=false")
+SCHEDULES = {"adalora": ["adapter.tfinal=1"], "rosa": ["adapter.schedule=wl1"], "lora_dash": ["adapter.t=2"]}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_lorafit_merge_matches_the_unmerged_model(name: str, tmp_path: Path, run_cli) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    run, merged = tmp_path / "run", tmp_path / "merged"
+    result = run_cli("train", f"output_dir={run}", *TRAIN, *cli_options(name), *SCHEDULES.get(name, []))
+    assert result.code == 0, result.text
+    result = run_cli("merge", str(run), str(merged))
+    assert result.code == 0, result.text
+    adapted = load_adapted(run / "adapter")
+    state = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    check_phase(name, state, adapted.meta)
+    plain = AutoModelForSequenceClassification.from_pretrained(merged).eval()
+    ids = probe_ids()
+    assert max_diff(logits(plain, ids), logits(adapted.model, ids)) <= 1e-4
+    with adapters_disabled(adapted.model):   # and the trained adapter really changed the model
+        assert max_diff(logits(adapted.model, ids), logits(plain, ids)) > 1e-4
+
+
+def check_phase(name: str, state: dict[str, torch.Tensor], meta: dict) -> None:
+    """The saved adapter is in the schedule's last phase (so the merge test covers it)."""
+    if name == "rosa":
+        assert all(v.item() == 1.0 for k, v in state.items() if k.endswith("sparse_on"))
+        assert any(v.abs().max() > 0 for k, v in state.items() if k.endswith("sparse_values"))
+    if name == "lora_dash":
+        assert all(v.abs().max() > 0 for k, v in state.items() if k.endswith("dash_U"))
+        assert any(v.abs().max() > 0 for k, v in state.items() if k.endswith("dash_d"))
+    if name == "adalora":
+        pattern = meta["adapter"]["rank_pattern"]
+        assert pattern and sum(map(sum, pattern.values())) == 3 * len(pattern)   # target_r × layers
+        for layer, keep in pattern.items():
+            assert state[f"{layer}.rank_mask"].tolist() == keep
+            assert all(e == 0 for e, k in zip(state[f"{layer}.lora_E"].tolist(), keep) if not k)
+
+
+# ------------------------------------------------------------------------------ 4. save and load
+@pytest.mark.parametrize("name", NAMES)
+def test_save_load_roundtrip(name: str, minilm_cfg, tmp_path: Path) -> None:
+    assembled = build(minilm_cfg, name)
+    gen = torch.Generator().manual_seed(3)
+    for layer in assembled.layers.values():
+        perturb(layer, gen)
+    save_adapter(tmp_path / "adapter", assembled.model, assembled.meta)
+    loaded = load_adapted(tmp_path / "adapter")
+    ids = probe_ids()
+    assert max_diff(logits(loaded.model, ids), logits(assembled.model, ids)) <= 1e-6
+
+
+# ------------------------------------------------------------------------ 5. resume mid-schedule
+RESUME = ("model=tiny_llama", "data=sentiment_demo", "data.max_train_examples=32", "data.max_eval_examples=8",
+          "data.batch_size=8", "max_steps=6", "save_every=2", "keep_checkpoints=3", "optimizer.lr=5e-3",
+          "model.dropout=0.1", "adapter.dropout=0.1", "progress=false", "eval_at_start=false")
+# Checkpoint step 2 falls inside each schedule: AdaLoRA's budget is shrinking (scores in the
+# callback state), RoSA is half-way through its gradient collection, LoRA-Dash not yet launched
+# (checkpoint 4: launched).
+MID_SCHEDULE = {
+    "adalora": (["adapter.tinit=1", "adapter.tfinal=2"], [2, 4]),
+    "rosa": (["adapter.schedule=wl1", "adapter.spa_num_grads=2"], [2]),
+    "lora_dash": (["adapter.t=3"], [2, 4]),
+}
+
+
+@pytest.mark.parametrize("name", list(MID_SCHEDULE))
+def test_resume_mid_schedule_equals_the_uninterrupted_run(name: str, tmp_path: Path, run_cli) -> None:
+    extra, resume_steps = MID_SCHEDULE[name]
+    args = (*RESUME, *cli_options(name), *extra)
+    full = tmp_path / "full"
+    assert (r := run_cli("train", f"output_dir={full}", *args)).code == 0, r.text
+    expected = load_file(str(full / "adapter" / "adapter_model.safetensors"))
+    for step in resume_steps:
+        out = tmp_path / f"from_{step}"
+        ckpt = f"step-{step:06d}"
+        (out / "checkpoints").mkdir(parents=True)
+        shutil.copytree(full / "checkpoints" / ckpt, out / "checkpoints" / ckpt)
+        assert_mid_schedule(name, full / "checkpoints" / ckpt, step)
+        assert (r := run_cli("train", f"output_dir={out}", *args, "resume=true")).code == 0, r.text
+        got = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+        assert got.keys() == expected.keys()
+        assert max(max_diff(got[k].double(), expected[k].double()) for k in got) <= 1e-6, f"from {ckpt}"
+        meta = json.loads((out / "adapter" / "adapter_config.json").read_text())
+        assert meta["adapter"] == json.loads((full / "adapter" / "adapter_config.json").read_text())["adapter"]
+
+
+def assert_mid_schedule(name: str, checkpoint: Path, step: int) -> None:
+    """The checkpoint really is inside the schedule, so resuming from it exercises the saved state."""
+    callback = torch.load(checkpoint / "trainer_state.pt", weights_only=False)["callbacks"][0]
+    adapter = load_file(str(checkpoint / "adapter" / "adapter_model.safetensors"))
+    if name == "adalora":
+        assert callback["rank_pattern"]                       # budget shrinking (2) or final mask frozen (4)
+        assert (callback["final_mask"] is None and callback["smoothed"]) if step < 4 else callback["final_mask"]
+    if name == "rosa":
+        assert callback["fisher"] and all(v.item() == 0 for k, v in adapter.items() if k.endswith("sparse_on"))
+    if name == "lora_dash":
+        launched = [bool(v.abs().max() > 0) for k, v in adapter.items() if k.endswith("dash_U")]
+        assert all(launched) if step >= 3 else not any(launched)
+
+
+# ------------------------------------------------------------------------------ errors at start
+def test_bat_on_a_layer_that_does_not_tile_fails_at_start(tmp_path: Path, run_cli) -> None:
+    result = run_cli("train", f"output_dir={tmp_path}", *TRAIN, "adapter=bat", "adapter.r=100")
+    assert result.code == 2
+    assert "does not fit" in result.text and "384×384" in result.text and "adapter.r=100" in result.text
+    assert "Traceback" not in result.text and not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("options,message", [
+    (["adapter=bat", "adapter.dropout=0.1"], "no adapter-only path"),
+    (["adapter=adalora", "adapter.target_r=20"], "exceeds adapter.init_r=12"),
+    (["adapter=rosa", "adapter.schedule=warm64"], "adapter.schedule='warm64'"),
+    (["adapter=spectral_a", "adapter.mode=diagonal"], "adapter.mode"),
+    (["adapter=adalora", "adapter.tfinal=10"], "leave no steps"),
+    (["adapter=bone", "init=gaussian"], "init needs LoRA factors"),
+])
+def test_combinations_that_make_no_sense_fail_clearly(options, message, tmp_path: Path, run_cli) -> None:
+    result = run_cli("train", f"output_dir={tmp_path / 'run'}", *TRAIN, *options)
+    assert result.code == 2, result.text
+    assert message in result.text and "Traceback" not in result.text
+
+
+def test_every_adapter_option_is_selectable_with_plus(tmp_path: Path, run_cli) -> None:
+    from lorafit.cli import compose
+    from lorafit.config import validate
+    for name in NAMES:
+        cfg = validate(compose("train", [f"+adapter={name}"]))
+        assert type(cfg.adapter) is TABLE[name][0], name
