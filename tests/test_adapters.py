@@ -19,12 +19,11 @@ so none of them could pass with a zero update. PEFT parity for Bone/Bat (MiSS) a
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
@@ -40,7 +39,6 @@ from lorafit.adapters.lora_dash import LoRADashConfig, LoRADashLinear
 from lorafit.adapters.rosa import RoSAConfig, RoSALinear
 from lorafit.adapters.spectral import SpectralConfig
 from lorafit.assemble import assemble, load_adapted, save_adapter
-from lorafit.config import ConfigError
 
 # name → (config class, test-sized options). The same options drive the CLI runs below.
 # Bone's r=20 leaves a ragged last block on every MiniLM and tiny-Llama layer (384, 1536, 32, 64).

@@ -25,7 +25,6 @@ layer (saved with the adapter) and, as ``rank_pattern``, part of the saved adapt
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
