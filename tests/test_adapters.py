@@ -423,3 +423,17 @@ def test_every_adapter_option_is_selectable_with_plus(tmp_path: Path, run_cli) -
     for name in NAMES:
         cfg = validate(compose("train", [f"+adapter={name}"]))
         assert type(cfg.adapter) is TABLE[name][0], name
+
+
+def test_rosa_sparse_values_get_their_own_learning_rate() -> None:
+    from lorafit.optim.basic import AdamWConfig
+
+    layer = RoSAConfig(r=2, density=0.05, sparse_lr=2e-4).wrap(nn.Linear(20, 10))
+    named = [(n, p) for n, p in layer.named_parameters() if p.requires_grad]
+    optimizer = AdamWConfig(lr=7e-4).build(named)
+    lrs = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    assert lrs[id(layer.sparse_values)] == 2e-4
+    assert lrs[id(layer.lora_A)] == lrs[id(layer.lora_B)] == 7e-4
+    scheduler = AdamWConfig(lr=7e-4, warmup_steps=2).make_scheduler(optimizer, 10)
+    scheduler.step()
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([3.5e-4, 1e-4])  # one schedule for both
