@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 from pathlib import Path
@@ -14,12 +13,11 @@ from accelerate.utils import set_seed
 from rich.console import Console
 from rich.table import Table
 
-from lorafit.adapters import adapter_layers
 from lorafit.assemble import assemble, find_adapter_dir, load_adapted
 from lorafit.config import ConfigError, EvalConfig, HardwareConfig, TrainConfig, to_yaml
 from lorafit.data.tasks import tokenize
 from lorafit.evaluate import predict, score
-from lorafit.models import save_base
+from lorafit.models import load_model, save_base
 from lorafit.train.checkpoint import latest_checkpoint
 from lorafit.train.trainer import Trainer
 
@@ -68,7 +66,7 @@ def train(cfg: TrainConfig) -> dict[str, dict]:
         # A built (random) base exists nowhere else: keep it so merge and eval can find it.
         base_dir = run_dir / "base"
         if accelerator.is_main_process and not (base_dir / "config.json").is_file():
-            _save_unadapted_base(assembled, base_dir)
+            _save_unadapted_base(cfg, assembled, base_dir)
         assembled.meta["base_model"] = str(base_dir.resolve())
     cache = run_dir / "cache" / _cache_key(data, assembled.tokenizer)
     with accelerator.main_process_first():
@@ -89,12 +87,11 @@ def train(cfg: TrainConfig) -> dict[str, dict]:
     return after
 
 
-def _save_unadapted_base(assembled: Any, folder: Path) -> None:
-    """Write the built base model (weights as before the adapter was attached)."""
-    model = copy.deepcopy(assembled.model)
-    for name, layer in adapter_layers(model).items():
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.base)
+def _save_unadapted_base(cfg: TrainConfig, assembled: Any, folder: Path) -> None:
+    """Write the built base model: built again from its config and seed, so it holds exactly the
+    weights the adapter was attached to (an init may have turned the live ones into a residual)."""
+    data = cfg.data
+    model = load_model(cfg.model, data.task_type, data.num_labels, seed=cfg.seed, tokenizer=assembled.tokenizer)
     save_base(model, assembled.tokenizer, folder)
 
 

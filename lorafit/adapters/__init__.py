@@ -3,7 +3,7 @@
 The seam every method plugs into. An *adapter layer* wraps one ``nn.Linear`` (kept as
 ``self.base``, frozen) and owns its maths. It provides:
 
-- ``forward(x)``: the adapted output (the base output alone while ``disabled`` is set);
+- ``forward(x)``: the adapted output (the original base output while ``disabled`` is set);
 - ``merged_weight()``: the folded weight ``W'`` the plain model should carry after a merge;
 - ``merge()`` / ``unmerge()``: write ``W'`` into ``base.weight`` and back, guarded by ``merged``;
 - ``disabled``: a flag (the RL anchor and "eval without the adapter" need it).
@@ -101,7 +101,14 @@ def adapter_state_dict(model: nn.Module, extra_modules: list[str] = ()) -> dict[
 
 
 def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load what :func:`adapter_state_dict` produced; every key must land, every adapter key must come."""
+    """Load what :func:`adapter_state_dict` produced; every key must land, every adapter key must come.
+
+    A layer whose saved state holds init factors (``init_A``, ``init_B``: an init rewrote W0) is
+    first rebased from them, so the adapter lands on the original base and the residual is rebuilt.
+    """
+    for name, layer in adapter_layers(model).items():
+        if f"{name}.init_A" in state and not getattr(layer, "rebased", True):
+            layer.rebase(state[f"{name}.init_A"], state[f"{name}.init_B"])
     own = model.state_dict()
     unknown = [k for k in state if k not in own]
     if unknown:

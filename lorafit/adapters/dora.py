@@ -45,6 +45,9 @@ class DoRALinear(LoRALinear):
         self.register_buffer("w0_norm_sq", torch.zeros(0), persistent=False)  # ‖W0_i‖², empty = stale
         self.reset_magnitude()
 
+    def after_init(self) -> None:
+        self.reset_magnitude()
+
     @torch.no_grad()
     def reset_magnitude(self) -> None:
         """m ← ‖W0 + s·BA‖_row; an init that changes A, B or W0 calls this again."""
@@ -73,7 +76,9 @@ class DoRALinear(LoRALinear):
         return (self.magnitude / direction.norm(dim=1)).unsqueeze(1) * direction
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.disabled or self.merged:
+        if self.disabled and not self.merged:
+            return self.original_output(x)
+        if self.merged:
             return self.base(x)
         scale = self.magnitude / self.row_norm()                                   # (out,), norm detached
         h = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A) * self.scaling

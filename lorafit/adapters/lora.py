@@ -7,6 +7,13 @@ Kaiming-uniform (a = √5), B at zero, so the adapted model equals the base mode
 
 The scale is applied to the rank-r intermediate ``A x`` rather than to the out-sized result:
 the same function, r/out of the multiplications.
+
+Inits that start A, B from W0 itself (PiSSA, MiLoRA, OLoRA, LoRA-GA) call :meth:`LoRALinear.rebase`:
+the layer keeps the starting factors ``A0, B0`` as buffers (``init_A``, ``init_B``, saved with the
+adapter) and its base becomes the residual ``W0 − s·B0 A0``, so the model is unchanged at step 0.
+Loading the adapter onto the *original* base redoes that subtraction from the stored factors, so the
+saved adapter always applies to the unmodified base model; the switched-off layer (``disabled``)
+adds ``s·B0 A0`` back and so computes the original ``W0 x``.
 """
 
 from __future__ import annotations
@@ -84,9 +91,38 @@ class LoRALinear(nn.Module):
     def merged_weight(self) -> torch.Tensor:
         return self.base.weight.float() + self.delta_weight()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def rebased(self) -> bool:
+        return hasattr(self, "init_A")
+
+    @torch.no_grad()
+    def rebase(self, A0: torch.Tensor, B0: torch.Tensor) -> None:
+        """Start from ``A0, B0`` and make the base the residual ``W0 − s·B0 A0`` (fp32 maths)."""
+        if self.rebased or self.merged:
+            raise RuntimeError("rebase() needs an unmerged layer that has not been rebased yet")
+        self.lora_A.copy_(A0)
+        self.lora_B.copy_(B0)
+        self.register_buffer("init_A", self.lora_A.detach().clone())
+        self.register_buffer("init_B", self.lora_B.detach().clone())
+        weight = self.base.weight
+        weight.data = (weight.float() - self.scaling * (self.init_B @ self.init_A)).to(weight.dtype)
+        self.after_init()
+
+    def after_init(self) -> None:
+        """Called by every init once it has set A, B (and W0); subclasses re-derive their state."""
+
+    def original_output(self, x: torch.Tensor) -> torch.Tensor:
+        """The unadapted layer's output ``W0 x + b`` (adds ``s·B0 A0 x`` back after a rebase)."""
         out = self.base(x)
-        if self.disabled or self.merged:
+        if self.rebased:
+            out = out + F.linear(F.linear(x.to(self.init_A.dtype), self.init_A) * self.scaling, self.init_B).to(out.dtype)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled and not self.merged:
+            return self.original_output(x)
+        out = self.base(x)
+        if self.merged:
             return out
         h = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A) * self.scaling  # (..., r)
         return out + F.linear(h, self.lora_B).to(out.dtype)
