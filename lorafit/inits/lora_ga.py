@@ -1,0 +1,187 @@
+"""LoRA-GA: low-rank adaptation with gradient approximation (Wang et al., 2024, arXiv 2407.05000).
+
+The init makes LoRA's first step follow full fine-tuning's: with ``G`` the gradient of the loss
+with respect to W0 (averaged over ``init.batches`` batches of ``init.batch_size`` training
+examples), ``U, S, V = svd_lowrank(G, q = min(4r, out, in), niter = 4)`` and, as in the authors'
+official code (direction "ArB2r", scale "stable", γ = 16):
+
+    A0 = Vᵀ[:r] · out^{1/4}/√γ,    B0 = U[:, r:2r] · out^{1/4}/√γ,    W0 ← W0 − s·B0 A0
+
+After one plain-SGD step of size η the weight moves by ``−η s² c² (G V_r V_rᵀ + U_{r:2r} U_{r:2r}ᵀ G)
+= −η s² c² · G_{2r}``, the rank-2r truncated SVD of G (c = out^{1/4}/√γ): the paper's eq. 7.
+
+It needs data, so it runs as a callback at train start (:class:`GradientInit`), after a resume
+check (a resumed run has its factors in the checkpoint already). Gradients are gathered layer by
+layer: only the target weights require grad, and a hook on each of them adds the finished
+gradient to an fp32 running sum kept off the device (on the CPU) and frees it at once, so the
+device never holds more than about one layer of full gradients. The gradient pass runs the model
+in eval mode (no dropout: the estimate is deterministic; our choice). Batches are the first
+``batches × batch_size`` examples of a permutation seeded by the run's seed, shared across
+processes and summed with an all-reduce. With ``init.cache=FILE`` the resulting factors are
+written to FILE and reused by any later run with the same base, targets, adapter, data and init
+settings.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from rich.console import Console
+from rich.progress import Progress
+from torch import nn
+
+from lorafit.adapters import adapter_layers
+from lorafit.adapters.lora import LoRALinear
+from lorafit.config import as_dict, check_range, to_yaml
+from lorafit.data.tasks import collate, count_loss_units
+from lorafit.evaluate import model_inputs, task_loss
+from lorafit.inits.basic import _lora_factors
+from lorafit.train.callbacks import Callback
+
+console = Console(stderr=True)
+
+
+@dataclass
+class LoRAGAInit:
+    """``init=lora_ga``.
+
+    Attributes:
+        batches: batches whose gradients are averaged. Default: 64.
+        batch_size: examples per batch. Default: 2.
+        gamma: the "stable" scale's γ; factors are multiplied by out^{1/4}/√γ. Default: 16.
+        cache: a file for the computed factors; reused when it matches this run. Default: null.
+    """
+
+    batches: int = 64
+    batch_size: int = 2
+    gamma: float = 16.0
+    cache: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        check_range("init.batches", self.batches, 1)
+        check_range("init.batch_size", self.batch_size, 1)
+        check_range("init.gamma", self.gamma, 0, low_inclusive=False)
+
+    def apply(self, layers: dict[str, nn.Module]) -> None:
+        """Check the layers now (a clear error before any data is read); the work is a callback."""
+        for name, layer in layers.items():
+            _lora_factors(name, layer)
+            if 2 * layer.r > min(layer.base.in_features, layer.base.out_features):
+                raise ValueError(f"init=lora_ga needs 2r ≤ min(in, out), but {name} is "
+                                 f"{layer.base.out_features}×{layer.base.in_features} with r={layer.r}. Lower adapter.r.")
+
+    def callbacks(self) -> list[Callback]:
+        return [GradientInit(self)]
+
+
+def lora_ga_factors(grad: torch.Tensor, r: int, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A0, B0) from the averaged gradient ``grad`` (out×in, fp32): direction ArB2r, scale stable."""
+    out_features = grad.shape[0]
+    U, _, V = torch.svd_lowrank(grad, q=min(4 * r, *grad.shape), niter=4)
+    scale = out_features ** 0.25 / gamma ** 0.5
+    return V[:, :r].T * scale, U[:, r:2 * r] * scale
+
+
+class GradientInit(Callback):
+    """Estimate each target's mean gradient at train start, then rebase every layer on LoRA-GA's factors."""
+
+    def __init__(self, cfg: LoRAGAInit) -> None:
+        self.cfg = cfg
+
+    def on_train_start(self, trainer: Any) -> None:
+        model = trainer.unwrapped()
+        layers = {n: m for n, m in adapter_layers(model).items() if isinstance(m, LoRALinear)}
+        if trainer.step > 0 or any(layer.rebased for layer in layers.values()):
+            return  # resumed: the factors came back with the checkpoint
+        key = self.cache_key(trainer)
+        factors = self.read_cache(key)
+        if factors is None:
+            grads = self.mean_gradients(trainer, model, layers)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(trainer.cfg.seed)  # the randomised SVD: the same on every process
+                factors = {n: lora_ga_factors(g.to(layers[n].lora_A.device), layers[n].r, self.cfg.gamma)
+                           for n, g in grads.items()}
+            if self.cfg.cache and trainer.accelerator.is_main_process:
+                self.write_cache(key, factors)
+        for name, layer in layers.items():
+            A0, B0 = factors[name]
+            layer.rebase(A0.to(layer.lora_A.device), B0.to(layer.lora_B.device))
+
+    def mean_gradients(self, trainer: Any, model: nn.Module, layers: dict[str, LoRALinear]) -> dict[str, torch.Tensor]:
+        cfg, acc = self.cfg, trainer.accelerator
+        sums = {n: torch.zeros(l.base.weight.shape, dtype=torch.float32) for n, l in layers.items()}  # off the device
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        for p in trainable:
+            p.requires_grad_(False)
+
+        def offload(name: str):
+            def hook(weight: torch.Tensor) -> None:
+                sums[name] += weight.grad.float().cpu()
+                weight.grad = None       # free this layer's gradient before the next one is formed
+            return hook
+
+        handles = []
+        for name, layer in layers.items():
+            layer.base.weight.requires_grad_(True)
+            handles.append(layer.base.weight.register_post_accumulate_grad_hook(offload(name)))
+        was_training = model.training
+        model.eval()
+        gen = torch.Generator().manual_seed(trainer.cfg.seed)
+        order = torch.randperm(len(trainer.train_set), generator=gen)
+        wanted = cfg.batches * cfg.batch_size
+        order = order.repeat(-(-wanted // len(order)))[:wanted].tolist()
+        mine = range(acc.process_index, cfg.batches, acc.num_processes)
+        try:
+            with Progress(console=console, transient=True, disable=not acc.is_main_process) as progress:
+                task = progress.add_task("LoRA-GA gradients", total=len(mine))
+                for b in mine:
+                    rows = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+                    batch = {k: v.to(acc.device) for k, v in
+                             collate(list(trainer.train_set.select(rows)), trainer.pad_id).items()}
+                    with acc.autocast():
+                        logits = model(**model_inputs(batch)).logits
+                        loss = task_loss(logits, batch["labels"], trainer.task) / max(count_loss_units(batch), 1)
+                    loss.backward()
+                    progress.advance(task)
+        finally:
+            for handle in handles:
+                handle.remove()
+            for layer in layers.values():
+                layer.base.weight.requires_grad_(False)
+                layer.base.weight.grad = None
+            for p in trainable:
+                p.requires_grad_(True)
+            model.train(was_training)
+        if acc.num_processes > 1:
+            sums = {n: acc.reduce(s.to(acc.device), "sum").cpu() for n, s in sums.items()}
+        return {n: s / cfg.batches for n, s in sums.items()}
+
+    # ------------------------------------------------------------------- cache
+    def cache_key(self, trainer: Any) -> dict:
+        meta = trainer.assembled.meta
+        init = {k: v for k, v in as_dict(self.cfg).items() if k != "cache"}
+        return {"base_fingerprint": meta["base_fingerprint"], "targets": meta["targets"],
+                "adapter": meta["adapter"], "init": init, "seed": trainer.cfg.seed,
+                "data": to_yaml(trainer.cfg.data)}
+
+    def read_cache(self, key: dict) -> Optional[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        if not self.cfg.cache or not Path(self.cfg.cache).is_file():
+            return None
+        saved = torch.load(self.cfg.cache, weights_only=False)
+        if saved.get("key") != key:
+            console.print(f"[yellow]init.cache={self.cfg.cache} was computed for another base, adapter, data or "
+                          f"init setting; computing LoRA-GA again and overwriting it[/]")
+            return None
+        console.print(f"LoRA-GA factors reused from {self.cfg.cache}")
+        return saved["factors"]
+
+    def write_cache(self, key: dict, factors: dict) -> None:
+        path = Path(self.cfg.cache)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({"key": key, "factors": {n: (a.cpu(), b.cpu()) for n, (a, b) in factors.items()}}, tmp)
+        os.replace(tmp, path)
