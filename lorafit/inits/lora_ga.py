@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from rich.console import Console
@@ -86,6 +86,50 @@ def lora_ga_factors(grad: torch.Tensor, r: int, gamma: float) -> tuple[torch.Ten
     return V[:, :r].T * scale, U[:, r:2 * r] * scale
 
 
+def gradient_sums(model: nn.Module, layers: dict[str, LoRALinear], batches: Iterable[dict[str, torch.Tensor]],
+                  loss_of: Callable[[dict[str, torch.Tensor]], torch.Tensor], total: Optional[int] = None,
+                  show: bool = True) -> dict[str, torch.Tensor]:
+    """Σ over ``batches`` of ∂loss/∂W0 for every layer's base weight, in fp32 on the CPU.
+
+    Only the target weights require grad while it runs; a hook adds each finished weight gradient
+    to its sum and frees it, so at most about one layer of full gradients is alive at a time.
+    The model runs in eval mode; requires_grad flags and the mode are restored afterwards.
+    """
+    sums = {n: torch.zeros(l.base.weight.shape, dtype=torch.float32) for n, l in layers.items()}  # off the device
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+
+    def offload(name: str):
+        def hook(weight: torch.Tensor) -> None:
+            sums[name] += weight.grad.float().cpu()
+            weight.grad = None       # free this layer's gradient before the next one is formed
+        return hook
+
+    handles = []
+    for name, layer in layers.items():
+        layer.base.weight.requires_grad_(True)
+        handles.append(layer.base.weight.register_post_accumulate_grad_hook(offload(name)))
+    was_training = model.training
+    model.eval()
+    try:
+        with Progress(console=console, transient=True, disable=not show) as progress:
+            task = progress.add_task("LoRA-GA gradients", total=total)
+            for batch in batches:
+                loss_of(batch).backward()
+                progress.advance(task)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for layer in layers.values():
+            layer.base.weight.requires_grad_(False)
+            layer.base.weight.grad = None
+        for p in trainable:
+            p.requires_grad_(True)
+        model.train(was_training)
+    return sums
+
+
 class GradientInit(Callback):
     """Estimate each target's mean gradient at train start, then rebase every layer on LoRA-GA's factors."""
 
@@ -101,10 +145,12 @@ class GradientInit(Callback):
         factors = self.read_cache(key)
         if factors is None:
             grads = self.mean_gradients(trainer, model, layers)
+            factors = {}
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(trainer.cfg.seed)  # the randomised SVD: the same on every process
-                factors = {n: lora_ga_factors(g.to(layers[n].lora_A.device), layers[n].r, self.cfg.gamma)
-                           for n, g in grads.items()}
+                for name in list(grads):              # each full gradient is dropped once factored
+                    grad = grads.pop(name).to(layers[name].lora_A.device)
+                    factors[name] = lora_ga_factors(grad, layers[name].r, self.cfg.gamma)
             if self.cfg.cache and trainer.accelerator.is_main_process:
                 self.write_cache(key, factors)
         for name, layer in layers.items():
@@ -112,50 +158,22 @@ class GradientInit(Callback):
             layer.rebase(A0.to(layer.lora_A.device), B0.to(layer.lora_B.device))
 
     def mean_gradients(self, trainer: Any, model: nn.Module, layers: dict[str, LoRALinear]) -> dict[str, torch.Tensor]:
+        """This process's share of the init batches, through :func:`mean_gradients`, summed over processes."""
         cfg, acc = self.cfg, trainer.accelerator
-        sums = {n: torch.zeros(l.base.weight.shape, dtype=torch.float32) for n, l in layers.items()}  # off the device
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        for p in trainable:
-            p.requires_grad_(False)
-
-        def offload(name: str):
-            def hook(weight: torch.Tensor) -> None:
-                sums[name] += weight.grad.float().cpu()
-                weight.grad = None       # free this layer's gradient before the next one is formed
-            return hook
-
-        handles = []
-        for name, layer in layers.items():
-            layer.base.weight.requires_grad_(True)
-            handles.append(layer.base.weight.register_post_accumulate_grad_hook(offload(name)))
-        was_training = model.training
-        model.eval()
         gen = torch.Generator().manual_seed(trainer.cfg.seed)
         order = torch.randperm(len(trainer.train_set), generator=gen)
         wanted = cfg.batches * cfg.batch_size
         order = order.repeat(-(-wanted // len(order)))[:wanted].tolist()
         mine = range(acc.process_index, cfg.batches, acc.num_processes)
-        try:
-            with Progress(console=console, transient=True, disable=not acc.is_main_process) as progress:
-                task = progress.add_task("LoRA-GA gradients", total=len(mine))
-                for b in mine:
-                    rows = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-                    batch = {k: v.to(acc.device) for k, v in
-                             collate(list(trainer.train_set.select(rows)), trainer.pad_id).items()}
-                    with acc.autocast():
-                        logits = model(**model_inputs(batch)).logits
-                        loss = task_loss(logits, batch["labels"], trainer.task) / max(count_loss_units(batch), 1)
-                    loss.backward()
-                    progress.advance(task)
-        finally:
-            for handle in handles:
-                handle.remove()
-            for layer in layers.values():
-                layer.base.weight.requires_grad_(False)
-                layer.base.weight.grad = None
-            for p in trainable:
-                p.requires_grad_(True)
-            model.train(was_training)
+
+        def loss_of(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            with acc.autocast():
+                logits = model(**model_inputs(batch)).logits
+                return task_loss(logits, batch["labels"], trainer.task) / max(count_loss_units(batch), 1)
+
+        batches = ({k: v.to(acc.device) for k, v in collate(list(trainer.train_set.select(
+                    order[b * cfg.batch_size:(b + 1) * cfg.batch_size])), trainer.pad_id).items()} for b in mine)
+        sums = gradient_sums(model, layers, batches, loss_of, total=len(mine), show=acc.is_main_process)
         if acc.num_processes > 1:
             sums = {n: acc.reduce(s.to(acc.device), "sum").cpu() for n, s in sums.items()}
         return {n: s / cfg.batches for n, s in sums.items()}
