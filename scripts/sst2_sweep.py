@@ -1,14 +1,19 @@
-"""Train every adapter on real GLUE SST-2 with its documented defaults and tabulate dev accuracy.
+"""Train MiniLM on real GLUE SST-2 once per adapter (or per init) and tabulate dev accuracy.
 
-    python scripts/sst2_adapters.py --glue ../shared/data/glue --out runs/sst2_adapters --markdown
+    python scripts/sst2_sweep.py --group adapter --glue ../shared/data/glue --out runs/sst2_adapters --markdown
+    python scripts/sst2_sweep.py --group init --glue ../shared/data/glue --out runs/sst2_inits --markdown \\
+        --plot docs/sst2_init_loss.png
 
-Each adapter runs ``lorafit train`` (MiniLM, batch 32, AdamW lr 5e-4 linear decay, 300 steps,
-seed 0, eval every 100 steps) with nothing but ``adapter=<name>`` changed, in its own process —
-except AdaLoRA's learning rate, 5e-3 (its update is a product of three factors that start at 0 and
-N(0, 0.02), so at 5e-4 it barely moves in 300 steps: 0.509 dev accuracy at step 100).
-A finished run (``results.json`` present) is not run again, so the script can be stopped and
-restarted. The table lists dev accuracy at steps 100/200/300, trainable parameters and the
-training wall time (which depends on what else the machine was doing).
+Every run is ``lorafit train`` (MiniLM, batch 32, AdamW lr 5e-4 linear decay, 300 steps, seed 0,
+eval every 100 steps) with nothing but ``adapter=<name>`` (LoRA r=8, α=16 for the inits) or
+``init=<name>`` changed, each in its own process — except AdaLoRA's learning rate, 5e-3 (its update
+is a product of three factors that start at 0 and N(0, 0.02); at 5e-4 it barely moves in 300
+steps: 0.509 dev accuracy at step 100) and Spectral-R's, 5e-3 (2r² = 128 rotation parameters per
+layer; at 5e-4: 0.686 after 300 steps). A finished run (``results.json`` present) is not run
+again, so the script can be stopped and restarted. The table lists dev accuracy at steps
+100/200/300, the trainable parameters, the mean training loss of steps 1–10 and 91–100, and the
+training wall time (which depends on what else the machine was doing). ``--plot`` draws the
+training-loss curves of the first ``--plot-steps`` steps (matplotlib).
 """
 
 from __future__ import annotations
@@ -21,18 +26,26 @@ import subprocess
 import sys
 from pathlib import Path
 
-ADAPTERS = ["lora", "rslora", "dora", "adalora", "bone", "bat", "rosa", "spectral_a", "spectral_r", "lora_dash"]
-LEARNING_RATE = {"adalora": "5e-3"}  # every other adapter: 5e-4
-COMMON = ["model=minilm", "data=glue", "data.task=sst2", "data.batch_size=32", "max_steps=300", "eval_every=100", "eval_at_start=false", "seed=0", "progress=false"]
+OPTIONS = {
+    "adapter": ["lora", "rslora", "dora", "adalora", "bone", "bat", "rosa", "spectral_a", "spectral_r", "lora_dash"],
+    "init": ["kaiming", "gaussian", "pissa", "milora", "olora", "lora_ga"],
+}
+LEARNING_RATE = {("adapter", "adalora"): "5e-3", ("adapter", "spectral_r"): "5e-3"}  # all others: 5e-4
+COMMON = ["model=minilm", "data=glue", "data.task=sst2", "data.batch_size=32", "max_steps=300",
+          "eval_every=100", "eval_at_start=false", "seed=0", "progress=false"]
 
 
-def run(name: str, glue: str, out: Path, threads: int) -> None:
+def lr_of(group: str, name: str) -> str:
+    return LEARNING_RATE.get((group, name), "5e-4")
+
+
+def run(group: str, name: str, glue: str, out: Path, threads: int) -> None:
     run_dir = out / name
     if (run_dir / "results.json").is_file():
         return
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "lorafit", "train", *COMMON, f"data.path={glue}", f"adapter={name}",
-           f"optimizer.lr={LEARNING_RATE.get(name, '5e-4')}", f"output_dir={run_dir}"]
+    cmd = [sys.executable, "-m", "lorafit", "train", *COMMON, f"data.path={glue}", f"{group}={name}",
+           f"optimizer.lr={lr_of(group, name)}", f"output_dir={run_dir}"]
     print("$", " ".join(cmd[2:]), flush=True)
     log = subprocess.run(cmd, env=env, capture_output=True, text=True)
     (out / f"{name}.log").write_text(log.stdout + log.stderr)
@@ -41,45 +54,76 @@ def run(name: str, glue: str, out: Path, threads: int) -> None:
 
 
 def summarise(name: str, out: Path) -> dict:
-    run_dir = out / name
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
     acc = {r["step"]: r["eval/accuracy"] for r in records if r.get("split") == "sst2"}
     train = [r for r in records if "split" not in r]
-    log = (out / f"{name}.log").read_text()
-    trainable = re.search(r"trainable ([\d,]+) of", log)
-    return {"adapter": name, "acc": acc, "trainable": trainable.group(1) if trainable else "?",
-            "train_s": train[-1]["elapsed_s"] if train else float("nan"), "final_loss": train[-1]["loss"]}
+    log_file = out / f"{name}.log"
+    trainable = re.search(r"trainable ([\d,]+) of", log_file.read_text()) if log_file.is_file() else None
+    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+    return {"name": name, "acc": acc, "trainable": trainable.group(1) if trainable else "?",
+            "loss": {r["step"]: r["loss"] for r in train},
+            "loss_1_10": mean([r["loss"] for r in train if r["step"] <= 10]),
+            "loss_91_100": mean([r["loss"] for r in train if 91 <= r["step"] <= 100]),
+            "train_s": train[-1]["elapsed_s"] if train else float("nan")}
 
 
-def markdown(rows: list[dict]) -> str:
-    lines = ["| adapter | lr | step 100 | step 200 | step 300 | trainable params (incl. head) | train time |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+def markdown(group: str, rows: list[dict]) -> str:
+    lines = [f"| {group} | lr | step 100 | step 200 | step 300 | mean loss, steps 1–10 | steps 91–100 | "
+             "trainable params (incl. head) | train time |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         acc = row["acc"]
-        cells = [f"{acc[s]:.4f}" if s in acc else "–" for s in (100, 200)]
-        final = acc.get(300)
-        cells.append("–" if final is None else (f"**{final:.4f}**" if final >= 0.83 else f"{final:.4f}"))
-        lines.append(f"| {row['adapter']} | {LEARNING_RATE.get(row['adapter'], '5e-4')} | " + " | ".join(cells) + f" | {row['trainable']} | {row['train_s']:.0f} s |")
+        cells = [f"{acc[s]:.4f}" if s in acc else "–" for s in (100, 200, 300)]
+        lines.append(f"| {row['name']} | {lr_of(group, row['name'])} | " + " | ".join(cells) +
+                     f" | {row['loss_1_10']:.4f} | {row['loss_91_100']:.4f} | {row['trainable']} | "
+                     f"{row['train_s']:.0f} s |")
     return "\n".join(lines)
+
+
+def plot(rows: list[dict], steps: int, file: Path, group: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for row in rows:
+        xs = [s for s in sorted(row["loss"]) if s <= steps]
+        ys = [row["loss"][s] for s in xs]
+        smooth = [sum(ys[max(0, i - 4):i + 1]) / len(ys[max(0, i - 4):i + 1]) for i in range(len(ys))]
+        ax.plot(xs, smooth, label=row["name"])
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (5-step running mean)")
+    ax.set_title(f"MiniLM on SST-2, LoRA r=8, by {group}")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    file.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(file, dpi=120)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--group", choices=sorted(OPTIONS), default="adapter")
+    parser.add_argument("--options", nargs="*", help="the options to run (default: all of the group)")
     parser.add_argument("--glue", default="../shared/data/glue", help="GLUE folder (holds SST-2/)")
-    parser.add_argument("--out", default="runs/sst2_adapters", type=Path)
-    parser.add_argument("--adapters", nargs="*", default=ADAPTERS)
+    parser.add_argument("--out", type=Path, help="runs folder (default: runs/sst2_<group>s)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per run")
     parser.add_argument("--markdown", action="store_true", help="print the results table")
+    parser.add_argument("--plot", type=Path, help="write the training-loss curves to this PNG")
+    parser.add_argument("--plot-steps", type=int, default=100)
     args = parser.parse_args()
     if not (Path(args.glue) / "SST-2" / "dev.tsv").is_file():
         sys.exit(f"No SST-2 at {args.glue}/SST-2/dev.tsv. Pass --glue with the folder holding GLUE's SST-2.")
-    args.out.mkdir(parents=True, exist_ok=True)
-    for name in args.adapters:
-        run(name, args.glue, args.out, args.threads)
-    rows = [summarise(n, args.out) for n in args.adapters if (args.out / n / "metrics.jsonl").is_file()]
-    (args.out / "summary.json").write_text(json.dumps(rows, indent=2))
+    options = args.options or OPTIONS[args.group]
+    out = args.out or Path(f"runs/sst2_{args.group}s")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in options:
+        run(args.group, name, args.glue, out, args.threads)
+    rows = [summarise(n, out) for n in options if (out / n / "metrics.jsonl").is_file()]
+    (out / "summary.json").write_text(json.dumps(rows, indent=2))
     if args.markdown:
-        print(markdown(rows))
+        print(markdown(args.group, rows))
+    if args.plot:
+        plot(rows, args.plot_steps, args.plot, args.group)
 
 
 if __name__ == "__main__":
