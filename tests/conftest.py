@@ -69,6 +69,17 @@ def _seed() -> None:
     random.seed(0)
 
 
+@pytest.fixture(scope="module")
+def one_intra_op_thread():
+    """Tiny models gain nothing from extra intra-op threads, and on a busy 2-core machine those
+    spin-wait (a test file ran 4x slower with torch's default of 2 threads under load). Modules
+    opt in with ``pytestmark = pytest.mark.usefixtures("one_intra_op_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @dataclass
 class CliResult:
     code: int | None

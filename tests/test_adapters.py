@@ -40,6 +40,8 @@ from lorafit.adapters.rosa import RoSAConfig, RoSALinear
 from lorafit.adapters.spectral import SpectralConfig
 from lorafit.assemble import assemble, load_adapted, save_adapter
 
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+
 # name → (config class, test-sized options). The same options drive the CLI runs below.
 # Bone's r=20 leaves a ragged last block on every MiniLM and tiny-Llama layer (384, 1536, 32, 64).
 TABLE: dict[str, tuple[type, dict[str, Any]]] = {
@@ -65,14 +67,6 @@ def make_config(name: str, **extra: Any) -> Any:
 def cli_options(name: str) -> list[str]:
     _, options = TABLE[name]
     return [f"adapter={name}"] + [f"adapter.{k}={v}" for k, v in options.items() if k not in ("use_rslora", "mode")]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_intra_op_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ------------------------------------------------------------------------- making it non-trivial

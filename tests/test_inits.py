@@ -17,17 +17,11 @@ from lorafit.assemble import assemble, load_adapted, save_adapter
 from lorafit.inits.svd import MiLoRAInit, OLoRAInit, PiSSAInit
 from lorafit.models import load_model, load_tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+
 INITS = {"pissa": PiSSAInit(), "pissa_fast": PiSSAInit(niter=4), "milora": MiLoRAInit(), "olora": OLoRAInit()}
 ADAPTERS = {"lora": LoRAConfig(r=4, alpha=8), "rslora": LoRAConfig(r=4, alpha=8, use_rslora=True),
             "dora": DoRAConfig(r=4, alpha=8)}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_intra_op_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def probe_ids() -> torch.Tensor:

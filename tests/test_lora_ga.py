@@ -19,17 +19,11 @@ from lorafit.data.tasks import collate, count_loss_units, tokenize
 from lorafit.evaluate import model_inputs, task_loss
 from lorafit.inits.lora_ga import lora_ga_factors
 
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+
 ROWS = [{"instruction": f"Repeat the word number {i}.", "input": "", "output": f"word {i} " * (i + 1)}
         for i in range(8)]
 ETA = 1e-3
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_intra_op_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

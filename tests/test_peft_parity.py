@@ -20,18 +20,12 @@ from lorafit.assemble import assemble
 
 peft = pytest.importorskip("peft")
 
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+
 # query, value, attention.output.dense (384→384), intermediate.dense (384→1536), output.dense (1536→384);
 # one regex, which both libraries read as a full match of the module name.
 PATTERN = r".*\.(query|value|intermediate\.dense|output\.dense)"
 TARGETS = [PATTERN]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_intra_op_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def pair(minilm_cfg, ours_cfg, peft_cfg):

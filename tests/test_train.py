@@ -41,6 +41,8 @@ from lorafit.data.tasks import IGNORE_INDEX, InstructData, alpaca_prompt, collat
 from lorafit.evaluate import task_loss
 from lorafit.train.checkpoint import latest_checkpoint
 
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+
 REPO = Path(__file__).resolve().parents[1]
 GLUE = REPO / "tests" / "fixtures" / "glue"
 # the venv's `accelerate` script; `python -m accelerate.commands.launch` is the same command
@@ -118,16 +120,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_intra_op_thread():
-    """These models are tiny: extra intra-op threads gain nothing, and on a busy 2-core machine
-    they spin-wait (the file ran 4x slower with torch's default of 2 threads under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -42,6 +42,33 @@ class AdapterLayer(Protocol):
     def unmerge(self) -> None: ...
 
 
+class AdditiveAdapter(nn.Module):
+    """Base of the adapter layers whose fold is ``W' = W0 + ΔW``: subclasses give ``delta_weight()``
+    (fp32, out×in) and inherit ``merged_weight``, ``merge`` and ``unmerge`` (unmerge subtracts ΔW)."""
+
+    base: nn.Linear
+    merged: bool = False
+    disabled: bool = False
+
+    def delta_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def merged_weight(self) -> torch.Tensor:
+        return self.base.weight.float() + self.delta_weight()
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.base.weight.data = self.merged_weight().to(self.base.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.base.weight.data = (self.base.weight.float() - self.delta_weight()).to(self.base.weight.dtype)
+            self.merged = False
+
+
 def find_targets(model: nn.Module, patterns: list[str], exclude: list[str] = ()) -> list[str]:
     """Names of the ``nn.Linear`` modules matched by ``patterns``, outside the ``exclude`` heads.
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorafit.adapters import adapter_layers
+from lorafit.adapters import AdditiveAdapter, adapter_layers
 from lorafit.config import ConfigError, check_range
 from lorafit.train.callbacks import Callback
 
@@ -95,7 +95,7 @@ class AdaLoRAConfig:
         return [RankAllocator(self)]
 
 
-class AdaLoRALinear(nn.Module):
+class AdaLoRALinear(AdditiveAdapter):
     """A frozen ``nn.Linear`` plus ``B diag(E) A · α/init_r``."""
 
     def __init__(self, base: nn.Linear, r: int, scaling: float, dropout: float = 0.0) -> None:
@@ -115,9 +115,6 @@ class AdaLoRALinear(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B * self.lora_E) @ self.lora_A * self.scaling
 
-    def merged_weight(self) -> torch.Tensor:
-        return self.base.weight.float() + self.delta_weight()
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         if self.disabled or self.merged:
@@ -135,18 +132,6 @@ class AdaLoRALinear(nn.Module):
     def apply_mask(self, keep: torch.Tensor) -> None:
         self.rank_mask.copy_(keep)
         self.lora_E.masked_fill_(~keep, 0.0)
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            self.base.weight.data = self.merged_weight().to(self.base.weight.dtype)
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            self.base.weight.data = (self.base.weight.float() - self.delta_weight()).to(self.base.weight.dtype)
-            self.merged = False
 
     def extra_repr(self) -> str:
         return f"init_r={self.r}, kept={int(self.rank_mask.sum())}, scaling={self.scaling:g}"

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorafit.adapters import AdditiveAdapter
 from lorafit.config import ConfigError, check_range
 
 
@@ -62,7 +63,7 @@ class BoneConfig:
         return BoneLinear(layer, self.r, self.dropout)
 
 
-class BoneLinear(nn.Module):
+class BoneLinear(AdditiveAdapter):
     """A frozen ``nn.Linear`` plus Bone's block-shared update ``tile(Dᵀ)``."""
 
     def __init__(self, base: nn.Linear, r: int, dropout: float = 0.0) -> None:
@@ -79,9 +80,6 @@ class BoneLinear(nn.Module):
         blocks = -(-self.base.in_features // self.r)
         return self.bone_D.T.repeat(1, blocks)[:, :self.base.in_features]
 
-    def merged_weight(self) -> torch.Tensor:
-        return self.base.weight.float() + self.delta_weight()
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         if self.disabled or self.merged:
@@ -92,18 +90,6 @@ class BoneLinear(nn.Module):
             h = F.pad(h, (0, pad))
         summed = h.unflatten(-1, (-1, self.r)).sum(-2)              # Σ_k x[k·r:(k+1)·r], (..., r)
         return out + (summed @ self.bone_D).to(out.dtype)
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            self.base.weight.data = self.merged_weight().to(self.base.weight.dtype)
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            self.base.weight.data = (self.base.weight.float() - self.delta_weight()).to(self.base.weight.dtype)
-            self.merged = False
 
     def extra_repr(self) -> str:
         return f"r={self.r}"
@@ -133,7 +119,7 @@ class BatConfig(BoneConfig):
         return BatLinear(layer, self.r)
 
 
-class BatLinear(nn.Module):
+class BatLinear(AdditiveAdapter):
     """A frozen ``nn.Linear`` whose r×r blocks are transformed: ``W_ij ← W_ij (I + D_i) + D_i``."""
 
     def __init__(self, base: nn.Linear, r: int) -> None:
@@ -158,21 +144,12 @@ class BatLinear(nn.Module):
         D = self.bat_D.unsqueeze(1)                                   # (out/r, 1, r, r): D_i for every j
         return self._unblocks(self._blocks(self.base.weight.float()) @ D + D)
 
-    def merged_weight(self) -> torch.Tensor:
-        return self.base.weight.float() + self.delta_weight()
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled or self.merged:
             return self.base(x)
         weight = self.merged_weight()                                 # materialised, as in the paper
         return F.linear(x.to(weight.dtype), weight,
                         None if self.base.bias is None else self.base.bias.to(weight.dtype)).to(x.dtype)
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            self.base.weight.data = self.merged_weight().to(self.base.weight.dtype)
-            self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:

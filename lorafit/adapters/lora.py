@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorafit.adapters import AdditiveAdapter
 from lorafit.config import check_range
 
 
@@ -66,7 +67,7 @@ class LoRAConfig:
         return LoRALinear(layer, r=self.r, scaling=self.scaling, dropout=self.dropout)
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(AdditiveAdapter):
     """A frozen ``nn.Linear`` plus the low-rank update ``s·B A``."""
 
     def __init__(self, base: nn.Linear, r: int, scaling: float, dropout: float = 0.0) -> None:
@@ -87,9 +88,6 @@ class LoRALinear(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """ΔW = s · B A (out × in, fp32)."""
         return (self.lora_B @ self.lora_A) * self.scaling
-
-    def merged_weight(self) -> torch.Tensor:
-        return self.base.weight.float() + self.delta_weight()
 
     @property
     def rebased(self) -> bool:
@@ -126,18 +124,6 @@ class LoRALinear(nn.Module):
             return out
         h = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A) * self.scaling  # (..., r)
         return out + F.linear(h, self.lora_B).to(out.dtype)
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            self.base.weight.data = self.merged_weight().to(self.base.weight.dtype)
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            self.base.weight.data = (self.base.weight.float() - self.delta_weight()).to(self.base.weight.dtype)
-            self.merged = False
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling:g}"

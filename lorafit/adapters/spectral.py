@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from lorafit.adapters import AdditiveAdapter
 from lorafit.config import check_choice, check_range
 
 MODES = ("additive", "rotation")
@@ -67,7 +68,7 @@ def cayley(X: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve(eye + K, eye - K)  # (I+K)^{-1}(I−K) = (I−K)(I+K)^{-1}: they commute
 
 
-class SpectralLinear(nn.Module):
+class SpectralLinear(AdditiveAdapter):
     """A frozen ``nn.Linear`` whose top-r singular vectors are tuned (additively or by rotation)."""
 
     def __init__(self, base: nn.Linear, r: int, mode: str = "additive") -> None:
@@ -102,9 +103,6 @@ class SpectralLinear(nn.Module):
         S = self.spectral_S
         return (U2 * S) @ V2.T - (self.spectral_U * S) @ self.spectral_V.T
 
-    def merged_weight(self) -> torch.Tensor:
-        return self.base.weight.float() + self.delta_weight()
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         if self.disabled or self.merged:
@@ -119,18 +117,6 @@ class SpectralLinear(nn.Module):
             rotated = ((h @ cayley(self.spectral_XV)) * S) @ cayley(self.spectral_XU).T
             delta = (rotated - h * S) @ U.T
         return out + delta.to(out.dtype)
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            self.base.weight.data = self.merged_weight().to(self.base.weight.dtype)
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            self.base.weight.data = (self.base.weight.float() - self.delta_weight()).to(self.base.weight.dtype)
-            self.merged = False
 
     def extra_repr(self) -> str:
         return f"r={self.r}, mode={self.mode}"
