@@ -34,7 +34,7 @@ test-slow: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m slow
 
 bench: install
-	$(BIN)/python scripts/bench_lora_vs_peft.py
+	$(BIN)/python scripts/bench_adapters.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
