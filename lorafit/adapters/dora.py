@@ -11,7 +11,8 @@ The row norm is computed without materialising the out×in matrix ``B A`` (metho
          = ‖W0_i‖² + 2s·Σ_k B_ik (W0 Aᵀ)_ik + s²·Σ_k (B AAᵀ)_ik B_ik
 
 which costs O(r·in·out) flops and O(r·out) memory; ``‖W0_i‖²`` is cached (W0 is frozen). The
-norm is detached, as the paper prescribes, so no graph is kept for it.
+norm is detached, as the paper prescribes, so no graph is kept for it, and the final row scaling
+(:class:`ScaleRows`) keeps its output rather than its input for the backward pass.
 """
 
 from __future__ import annotations
@@ -80,11 +81,10 @@ class DoRALinear(LoRALinear):
             return self.original_output(x)
         if self.merged:
             return self.base(x)
-        scale = self.magnitude / self.row_norm()                                   # (out,), norm detached
         h = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A) * self.scaling
-        out = F.linear(x, self.base.weight) + F.linear(h, self.lora_B).to(x.dtype)  # W0 x + s B A x
-        out = out * scale.to(out.dtype)
-        return out if self.base.bias is None else out + self.base.bias
+        pre = F.linear(x, self.base.weight) + F.linear(h, self.lora_B).to(x.dtype)  # W0 x + s B A x
+        return ScaleRows.apply(pre, self.magnitude, self.row_norm(), self.base.bias)
+
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -102,3 +102,32 @@ class DoRALinear(LoRALinear):
             self.merged = False
             self.base.weight.data = (w0 - self.scaling * (self.lora_B @ self.lora_A)).to(self.base.weight.dtype)
             self.w0_norm_sq = torch.zeros(0, device=self.magnitude.device)
+
+
+class ScaleRows(torch.autograd.Function):
+    """``y = (m / n) ⊙ pre + b`` whose backward keeps the *output* y, not ``pre``.
+
+    Plain autograd would save ``pre`` (an activation the size of the layer's output) to form
+    ∂L/∂m. Since ``pre / n = (y − b) / m``, the gradient ``∂L/∂m = Σ_tokens g ⊙ (y − b) / m`` needs
+    only y — and y is usually saved by the next operation anyway (attention matmuls, activations),
+    so it costs no memory of its own there. n is the detached row norm (no gradient). m must not
+    have exact zeros (it starts at the row norms of W0).
+    """
+
+    @staticmethod
+    def forward(ctx, pre: torch.Tensor, m: torch.Tensor, n: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        y = pre * (m / n).to(pre.dtype)
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+        ctx.save_for_backward(y, m, n, bias)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        y, m, n, bias = ctx.saved_tensors
+        grad_pre = grad * (m / n).to(grad.dtype)
+        grad_m = None
+        if ctx.needs_input_grad[1]:
+            unscaled = y.float() if bias is None else y.float() - bias.float()   # = (m/n) ⊙ pre
+            grad_m = (grad.float() * unscaled).reshape(-1, y.shape[-1]).sum(0) / m
+        return grad_pre, grad_m, None, None
