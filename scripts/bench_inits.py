@@ -29,39 +29,15 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
+
+from bench_adapters import RSSPoller, _rss_bytes  # the same RSS method as the adapter benchmark
 
 VARIANTS = ["lorafit:pissa", "peft:pissa", "lorafit:pissa_fast", "peft:pissa_niter_4", "lorafit:milora",
             "lorafit:olora", "peft:olora", "lorafit:lora_ga", "naive:lora_ga", "peft:lora_ga"]
 TARGETS = ["query", "key", "value", "dense"]
 TAG = "BENCH_RESULT "
-
-
-def rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class PeakRSS:
-    def __init__(self) -> None:
-        self.peak, self._stop = rss(), threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-
-    def _poll(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss())
-            time.sleep(0.0005)
-
-    def __enter__(self) -> "PeakRSS":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss())
 
 
 def batches(args, vocab: int):
@@ -84,10 +60,10 @@ def worker(args) -> dict:
     for module in (["peft"] if side == "peft" else ["lorafit.inits.lora_ga", "lorafit.inits.svd"]):
         importlib.import_module(module)   # imports happen before the measured region, on both sides
     torch.manual_seed(0)
-    base = rss()
+    base = _rss_bytes()
     start = time.perf_counter()
     grad_phase: dict = {}
-    with PeakRSS() as peak:
+    with RSSPoller(0.0005) as peak:
         if side == "peft":
             run_peft(model, method, data, grad_phase)
         else:
@@ -111,7 +87,7 @@ def run_peft(model, method: str, data, grad_phase: dict) -> None:
         for ids, labels in data:
             model(input_ids=ids, labels=labels).loss.backward()
 
-    with PeakRSS() as phase:
+    with RSSPoller(0.0005) as phase:
         peft.tuners.lora.preprocess_loraga(model, config, train_step)
     grad_phase["peak"] = phase.peak
     peft.get_peft_model(model, config)
@@ -135,7 +111,7 @@ def run_lorafit(model, method: str, data, grad_phase: dict, naive: bool) -> None
     def loss_of(batch):
         return F.cross_entropy(model(input_ids=batch[0]).logits, batch[1])
 
-    with PeakRSS() as phase:
+    with RSSPoller(0.0005) as phase:
         if naive:   # every target's full gradient alive at once after each backward
             sums = {n: torch.zeros(layer.base.weight.shape) for n, layer in layers.items()}
             for p in model.parameters():

@@ -4,12 +4,12 @@
     python scripts/sst2_sweep.py --group init --glue ../shared/data/glue --out runs/sst2_inits --markdown \\
         --plot docs/sst2_init_loss.png
 
-Every run is ``lorafit train`` (MiniLM, batch 32, AdamW lr 5e-4 linear decay, 300 steps, seed 0,
-eval every 100 steps) with nothing but ``adapter=<name>`` (LoRA r=8, α=16 for the inits) or
-``init=<name>`` changed, each in its own process — except AdaLoRA's learning rate, 5e-3 (its update
-is a product of three factors that start at 0 and N(0, 0.02); at 5e-4 it barely moves in 300
-steps: 0.509 dev accuracy at step 100) and Spectral-R's, 5e-3 (2r² = 128 rotation parameters per
-layer; at 5e-4: 0.686 after 300 steps). A finished run (``results.json`` present) is not run
+Every run is ``lorafit train`` (MiniLM, batch 32, AdamW linear decay, 300 steps, seed 0, eval
+every 100 steps) with nothing but ``adapter=<name>`` (LoRA r=8, α=16 for the inits) or
+``init=<name>`` changed, each in its own process, at the learning rate of ``LEARNING_RATE``:
+1e-3 for the LoRA-factor adapters and every init (LoRA at 5e-4 ends at 0.828), 5e-4 for Bone, Bat
+and Spectral-A, 5e-3 for AdaLoRA (its update is a product of three factors that start at 0 and
+N(0, 0.02); at 5e-4 it barely moves in 300 steps: 0.509 dev accuracy at step 100). A finished run (``results.json`` present) is not run
 again, so the script can be stopped and restarted. The table lists dev accuracy at steps
 100/200/300, the trainable parameters, the mean training loss of steps 1–10 and 91–100, and the
 training wall time (which depends on what else the machine was doing). ``--plot`` draws the
@@ -30,13 +30,14 @@ OPTIONS = {
     "adapter": ["lora", "rslora", "dora", "adalora", "bone", "bat", "rosa", "spectral_a", "spectral_r", "lora_dash"],
     "init": ["kaiming", "gaussian", "pissa", "milora", "olora", "lora_ga"],
 }
-LEARNING_RATE = {("adapter", "adalora"): "5e-3", ("adapter", "spectral_r"): "5e-3"}  # all others: 5e-4
+LEARNING_RATE = {("adapter", "adalora"): "5e-3", ("adapter", "bone"): "5e-4", ("adapter", "bat"): "5e-4",
+                 ("adapter", "spectral_a"): "5e-4", ("adapter", "spectral_r"): "1e-3"}  # all others: 1e-3
 COMMON = ["model=minilm", "data=glue", "data.task=sst2", "data.batch_size=32", "max_steps=300",
           "eval_every=100", "eval_at_start=false", "seed=0", "progress=false"]
 
 
 def lr_of(group: str, name: str) -> str:
-    return LEARNING_RATE.get((group, name), "5e-4")
+    return LEARNING_RATE.get((group, name), "1e-3")
 
 
 def run(group: str, name: str, glue: str, out: Path, threads: int) -> None:
