@@ -13,6 +13,10 @@ Events, in the order they happen:
 - ``before_optimizer_step(trainer)``: after clipping (gradient transforms, e.g. preconditioning);
 - ``after_optimizer_step(trainer)``: before ``zero_grad`` (rank allocators, masks);
 - ``on_evaluate(trainer, metrics)`` and ``on_save(trainer, folder)``.
+
+``step_metrics(trainer) -> dict`` is read after every step: a callback that returns numbers (a
+trust region's ρ and radius) gets them written into that step's row of ``metrics.jsonl``, and
+a row is then written every step, whatever ``log_every`` says.
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ class Callback:
     def on_evaluate(self, trainer: Any, metrics: dict) -> None: ...
 
     def on_save(self, trainer: Any, folder: Any) -> None: ...
+
+    def step_metrics(self, trainer: Any) -> dict[str, float]:
+        return {}
 
     def state_dict(self) -> dict:
         return {}

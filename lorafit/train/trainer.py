@@ -122,6 +122,8 @@ class Trainer:
         units = sum(count_loss_units(b) for b in micro_batches)
         global_units = acc.reduce(torch.tensor(float(units), device=acc.device), "sum").item()
         scale = acc.num_processes / max(global_units, 1.0)
+        # What step rules that re-evaluate the loss on the same batch (CTR's ρ) need.
+        self.current_batches, self.global_units = micro_batches, max(global_units, 1.0)
         loss_total = torch.zeros((), device=acc.device)
         for i, batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
@@ -170,7 +172,9 @@ class Trainer:
                              elapsed_s=time.perf_counter() - t0)
                 progress.update(task_id, advance=1, info=f"loss {stats['loss']:.4f}  lr {stats['lr']:.2e}  "
                                                           f"{stats['samples_per_s']:.1f} ex/s")
-                if cfg.log_every and (self.step % cfg.log_every == 0 or self.step == self.total_steps):
+                per_step = {k: v for cb in self.callbacks for k, v in cb.step_metrics(self).items()}
+                stats.update(per_step)
+                if per_step or (cfg.log_every and (self.step % cfg.log_every == 0 or self.step == self.total_steps)):
                     self.log(stats)
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
                     self.evaluate()
