@@ -80,6 +80,11 @@ class LoRALinear(AdditiveAdapter):
         factory = {"device": base.weight.device, "dtype": torch.float32}
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, **factory))
+        # Which factor each tensor is: step rules (LoRA+, RefLoRA) get (name, parameter) pairs, and
+        # this tag — set only here, on LoRALinear and its subclasses — tells them apart from
+        # look-alikes such as AdaLoRA's lora_A/lora_B (not a plain B·A product).
+        self.lora_A.lorafit_factor = "A"
+        self.lora_B.lorafit_factor = "B"
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.disabled = False

@@ -92,6 +92,7 @@ class RoSALinear(LoRALinear):
         self.register_buffer("sparse_index", torch.arange(k, dtype=torch.int64, device=device))
         self.register_buffer("sparse_on", torch.zeros((), device=device))       # 0 until the mask exists
         self.sparse_values = nn.Parameter(torch.zeros(k, device=device))
+        self.sparse_values.lorafit_factor = "S"   # entries of ΔW itself, not a factor (LoRA+ keeps them at lr)
         if sparse_lr is not None:
             self.sparse_values.lorafit_lr = sparse_lr   # read by the optimizer's parameter groups
 
