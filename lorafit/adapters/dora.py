@@ -58,8 +58,8 @@ class DoRALinear(LoRALinear):
     @torch.no_grad()
     def row_norm(self) -> torch.Tensor:
         """n = ‖W0 + s·B A‖ per output row, without forming B A (see the module docstring)."""
-        w0 = self.base.weight.float()
         A, B, s = self.lora_A, self.lora_B, self.scaling
+        w0 = self.base.weight.to(A.dtype)             # fp32 (the adapter's dtype) on any base
         if self.w0_norm_sq.numel() == 0:  # W0 is frozen: computed once, again only after (un)merge
             self.w0_norm_sq = w0.pow(2).sum(1)
         cross = (B * (w0 @ A.T)).sum(1)               # ⟨W0_i, (BA)_i⟩, (out,)
@@ -128,6 +128,6 @@ class ScaleRows(torch.autograd.Function):
         grad_pre = grad * (m / n).to(grad.dtype)
         grad_m = None
         if ctx.needs_input_grad[1]:
-            unscaled = y.float() if bias is None else y.float() - bias.float()   # = (m/n) ⊙ pre
-            grad_m = (grad.float() * unscaled).reshape(-1, y.shape[-1]).sum(0) / m
+            unscaled = y.to(m.dtype) if bias is None else y.to(m.dtype) - bias.to(m.dtype)   # = (m/n) ⊙ pre
+            grad_m = (grad.to(m.dtype) * unscaled).reshape(-1, y.shape[-1]).sum(0) / m
         return grad_pre, grad_m, None, None

@@ -1,0 +1,445 @@
+"""CTR-LoRA: a curvature-aware trust-region step for the adapter parameters (``optimizer=ctr``).
+
+CTR-LoRA (arXiv 2510.15962) has no public code; this file is **our reconstruction**. What comes
+from where:
+
+- *From the paper's abstract*: updates constrained by a trust region in a Fisher/Hessian metric,
+  and rank allocated across layers by marginal utility from lightweight second-order proxies.
+- *From the seed's algorithm* (``shared/seeds/000_*``, methods.md "Step rules"): the step itself —
+  gradient g on the batch; Steihaug–Toint truncated CG on the model ``m(δ) = g·δ + ½ δᵀHδ`` subject
+  to ``‖δ‖_M ≤ Δ``; ``ρ = (L(θ) − L(θ+δ)) / −m(δ)`` on the same batch; ρ < η1: reject and
+  ``Δ ← γ2·Δ``; otherwise accept, and if ρ ≥ η2 and δ reached the boundary ``Δ ← min(γ1·Δ, Δmax)``.
+- *Ours*: H is the Gauss–Newton matrix ``Jᵀ H_L J`` (for softmax cross-entropy this is the Fisher)
+  or the exact Hessian, both as matrix-free products; ``J v`` comes from the double-vjp trick
+  (a vjp is linear in its cotangent u, so ``∂(Jᵀu)/∂u · v = J v``) rather than forward-mode AD,
+  because custom autograd Functions (DoRA's ``ScaleRows``) have no forward-mode rule; attention
+  runs on PyTorch's math SDPA kernel during curvature products (fused kernels have no double
+  backward). The diagonal-Fisher metric is an EMA of squared gradients (β = ``fisher_beta``),
+  normalised to mean 1 so that Δ keeps the units of a parameter norm. Dropout is switched off (ρ
+  compares two losses of one deterministic function). The rank schedule keeps a budget of rank-1
+  components (row i of A with column i of B) trainable, re-chosen every ``rank_every`` steps by
+  the whitened-gradient utility ``½ Σ g²/F`` (an EMA); the others are frozen, not zeroed, so the
+  model's function never jumps.
+
+One CTR step is one optimizer step of the trainer: g is the gradient of the mean loss over the
+whole global batch (every micro-batch of gradient accumulation, every process), and the curvature
+products and both losses of ρ are taken over exactly that batch, summed over micro-batches and
+all-reduced, so every process computes the same δ and takes the same decision. With one
+micro-batch per process the autograd graph is built once per step and reused by every CG
+iteration; with accumulation it is rebuilt per micro-batch and product (memory of one micro-batch,
+compute × micro-batches). ``max_grad_norm`` clipping does not apply: the trust region bounds the
+step. There is no learning rate (the ``lr`` column of the log reads 0).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from lorafit.config import ConfigError, check_choice, check_range
+from lorafit.evaluate import model_inputs, task_loss
+from lorafit.train.callbacks import Callback
+
+Vector = torch.Tensor  # flat fp32 vector over all trainable parameters
+
+
+@dataclass
+class CTRConfig:
+    """``optimizer=ctr``: the trust-region step (no learning rate).
+
+    Attributes:
+        curvature: ``ggn`` (Gauss–Newton = Fisher for cross-entropy; PSD) or ``hessian``.
+        metric: ``euclidean`` or ``fisher`` (diagonal Fisher, EMA of g², normalised to mean 1).
+        radius: Δ0, the initial trust radius (parameter-norm units).
+        max_radius: Δmax.
+        eta1 / eta2: reject below η1; grow at the boundary at or above η2.
+        grow / shrink: γ1 (> 1) and γ2 (< 1).
+        cg_iters: the most CG iterations per step; cg_tol: stop when ‖r‖ ≤ cg_tol·‖g‖.
+        damping: λ added to the curvature (H + λI); 0 keeps the model exact.
+        fisher_beta: EMA factor of the squared-gradient Fisher (metric and rank utility).
+        rank_budget: fraction of rank-1 components kept trainable (1.0 = no rank schedule).
+        rank_every: re-choose the trainable components every this many steps.
+    """
+
+    curvature: str = "ggn"
+    metric: str = "euclidean"
+    radius: float = 0.1
+    max_radius: float = 10.0
+    eta1: float = 0.25
+    eta2: float = 0.75
+    grow: float = 2.0
+    shrink: float = 0.5
+    cg_iters: int = 10
+    cg_tol: float = 0.1
+    damping: float = 0.0
+    fisher_beta: float = 0.95
+    rank_budget: float = 1.0
+    rank_every: int = 10
+
+    def __post_init__(self) -> None:
+        check_choice("optimizer.curvature", self.curvature, ("ggn", "hessian"))
+        check_choice("optimizer.metric", self.metric, ("euclidean", "fisher"))
+        check_range("optimizer.radius", self.radius, 0, low_inclusive=False)
+        check_range("optimizer.max_radius", self.max_radius, self.radius)
+        check_range("optimizer.eta1", self.eta1, 0, 1, high_inclusive=False)
+        check_range("optimizer.eta2", self.eta2, self.eta1, 1)
+        check_range("optimizer.grow", self.grow, 1, low_inclusive=False)
+        check_range("optimizer.shrink", self.shrink, 0, 1, low_inclusive=False, high_inclusive=False)
+        check_range("optimizer.cg_iters", self.cg_iters, 1)
+        check_range("optimizer.cg_tol", self.cg_tol, 0, 1, low_inclusive=False)
+        check_range("optimizer.damping", self.damping, 0)
+        check_range("optimizer.fisher_beta", self.fisher_beta, 0, 1, high_inclusive=False)
+        check_range("optimizer.rank_budget", self.rank_budget, 0, 1, low_inclusive=False)
+        check_range("optimizer.rank_every", self.rank_every, 1)
+
+    def build(self, named_params: list[tuple[str, nn.Parameter]]) -> torch.optim.Optimizer:
+        return NoStep([p for _, p in named_params])
+
+    def make_scheduler(self, optimizer: torch.optim.Optimizer, total_steps: int) -> LambdaLR:
+        return LambdaLR(optimizer, lambda step: 1.0)
+
+    def callbacks(self) -> list[Callback]:
+        return [TrustRegionStep(self)]
+
+
+class NoStep(torch.optim.Optimizer):
+    """The trainer's optimizer under CTR: ``step()`` does nothing (the callback moved the weights)."""
+
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        super().__init__(params, {"lr": 0.0})
+
+    def step(self, closure: Optional[Callable] = None) -> None:
+        return None
+
+
+# --------------------------------------------------------------------------- the subproblem
+@dataclass
+class CGResult:
+    step: Vector
+    iters: int
+    boundary: bool        # δ lies on the trust-region boundary
+    model_value: float    # m(δ) = g·δ + ½ δᵀHδ (negative: a predicted decrease)
+
+
+def _to_boundary(z: Vector, d: Vector, radius: float, metric: Optional[Vector]) -> float:
+    """The τ ≥ 0 with ‖z + τ d‖_M = Δ."""
+    Md = d if metric is None else metric * d
+    a, b = float(d @ Md), float(z @ Md)
+    c = float(z @ (z if metric is None else metric * z)) - radius ** 2
+    return (-b + math.sqrt(max(b * b - a * c, 0.0))) / a
+
+
+def steihaug_cg(grad: Vector, hvp: Callable[[Vector], Vector], radius: float,
+                metric: Optional[Vector] = None, max_iters: int = 10, tol: float = 0.1) -> CGResult:
+    """Steihaug–Toint truncated CG for ``min g·δ + ½ δᵀHδ`` s.t. ``‖δ‖_M ≤ Δ``, ``‖x‖_M² = xᵀ diag(M) x``.
+
+    Preconditioned CG with preconditioner M (Nocedal & Wright, Algorithm 7.2, with the M-norm of
+    Conn, Gould & Toint §7.5): stops at negative curvature or the boundary (returning the boundary
+    point along the current direction), or when ``‖r‖ ≤ tol·‖g‖``. ``m(δ)`` is tracked exactly
+    from the residual ``r = g + Hδ``, so no extra product is needed.
+    """
+    z = torch.zeros_like(grad)
+    r = grad.clone()
+    y = r if metric is None else r / metric
+    d = -y
+    ry = float(r @ y)
+    value = 0.0
+    g_norm = float(grad.norm())
+    if g_norm == 0.0:
+        return CGResult(z, 0, False, 0.0)
+    for it in range(1, max_iters + 1):
+        Hd = hvp(d)
+        dHd = float(d @ Hd)
+        if dHd <= 0:
+            tau = _to_boundary(z, d, radius, metric)
+            value += tau * float(r @ d) + 0.5 * tau * tau * dHd
+            return CGResult(z + tau * d, it, True, value)
+        alpha = ry / dHd
+        z_next = z + alpha * d
+        norm_next = float(z_next @ (z_next if metric is None else metric * z_next))
+        if norm_next >= radius ** 2:
+            tau = _to_boundary(z, d, radius, metric)
+            value += tau * float(r @ d) + 0.5 * tau * tau * dHd
+            return CGResult(z + tau * d, it, True, value)
+        value += alpha * float(r @ d) + 0.5 * alpha * alpha * dHd
+        z = z_next
+        r = r + alpha * Hd
+        if float(r.norm()) <= tol * g_norm:
+            return CGResult(z, it, False, value)
+        y = r if metric is None else r / metric
+        ry_next = float(r @ y)
+        d = -y + (ry_next / ry) * d
+        ry = ry_next
+    return CGResult(z, max_iters, False, value)
+
+
+def update_radius(rho: float, radius: float, boundary: bool, cfg: CTRConfig) -> tuple[bool, float]:
+    """The ρ rule: (accepted, next radius)."""
+    if not rho >= cfg.eta1:          # also rejects NaN
+        return False, cfg.shrink * radius
+    if rho >= cfg.eta2 and boundary:
+        return True, min(cfg.grow * radius, cfg.max_radius)
+    return True, radius
+
+
+# --------------------------------------------------------------------------- curvature products
+def flatten(tensors: list[Optional[torch.Tensor]], like: list[torch.Tensor]) -> Vector:
+    """One vector (fp32, or fp64 if a parameter is fp64) of per-parameter tensors; None counts as 0."""
+    dtype = torch.float64 if any(p.dtype == torch.float64 for p in like) else torch.float32
+    return torch.cat([(torch.zeros_like(p) if t is None else t).reshape(-1).to(dtype) for t, p in zip(tensors, like)])
+
+
+def unflatten(vector: Vector, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    out, start = [], 0
+    for p in like:
+        out.append(vector[start:start + p.numel()].view_as(p).to(p.dtype))
+        start += p.numel()
+    return out
+
+
+class CurvatureOperator:
+    """``v ↦ (H + λI) v`` on one batch, matrix-free; H = Gauss–Newton ``Jᵀ H_L J`` or the Hessian.
+
+    Args:
+        pieces: one function per micro-batch returning ``(outputs, loss)`` with the graph to
+            ``params`` (the losses sum to the step's loss).
+        params: the trainable tensors (δ's coordinates).
+        kind: ``ggn`` or ``hessian``.
+        cache: keep each piece's graph for the next product (set when there is one piece).
+        reduce: sums a tensor over processes (identity on one process).
+    """
+
+    def __init__(self, pieces: list[Callable[[], tuple[torch.Tensor, torch.Tensor]]], params: list[torch.Tensor],
+                 kind: str = "ggn", damping: float = 0.0, cache: bool = True,
+                 reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> None:
+        self.pieces, self.params, self.kind, self.damping = pieces, params, kind, damping
+        self.cache, self.reduce = cache, reduce
+        self._graphs: dict[int, tuple] = {}
+        self.loss = 0.0
+
+    def _build(self, i: int) -> tuple:
+        outputs, loss = self.pieces[i]()
+        if self.kind == "hessian":
+            grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+            return loss, grads
+        grad_out = torch.autograd.grad(loss, outputs, create_graph=True)[0]           # ∇_z L, differentiable
+        u = torch.zeros_like(outputs, requires_grad=True)
+        vjp_u = torch.autograd.grad(outputs, self.params, u, create_graph=True, allow_unused=True)  # Jᵀu
+        return loss, outputs, grad_out, u, vjp_u
+
+    def losses(self) -> float:
+        """Build (and, if caching, keep) every piece's graph; the step's loss L(θ), all-reduced."""
+        total = torch.zeros((), dtype=torch.float64)
+        for i in range(len(self.pieces)):
+            graph = self._build(i)
+            total = total + graph[0].detach().double().cpu()
+            if self.cache:
+                self._graphs[i] = graph
+        self.loss = float(self.reduce(total))
+        return self.loss
+
+    def _product(self, graph: tuple, v: list[torch.Tensor]) -> list[Optional[torch.Tensor]]:
+        if self.kind == "hessian":
+            _, grads = graph
+            used = [(g, x) for g, x in zip(grads, v) if g is not None]
+            hv = torch.autograd.grad([g for g, _ in used], self.params, [x for _, x in used],
+                                     retain_graph=True, allow_unused=True)
+            return list(hv)
+        _, outputs, grad_out, u, vjp_u = graph
+        used = [(g, x) for g, x in zip(vjp_u, v) if g is not None]
+        jv = torch.autograd.grad([g for g, _ in used], u, [x for _, x in used], retain_graph=True)[0]   # J v
+        h_jv = torch.autograd.grad(grad_out, outputs, jv, retain_graph=True)[0]                         # H_L J v
+        return list(torch.autograd.grad(outputs, self.params, h_jv, retain_graph=True, allow_unused=True))
+
+    def __call__(self, v: Vector) -> Vector:
+        parts = unflatten(v, self.params)
+        total = torch.zeros_like(v)
+        for i in range(len(self.pieces)):
+            graph = self._graphs.get(i) or self._build(i)
+            total += flatten(self._product(graph, parts), self.params).to(v.device)
+        total = self.reduce(total)
+        return total + self.damping * v if self.damping else total
+
+    def release(self) -> None:
+        self._graphs.clear()
+
+
+@contextlib.contextmanager
+def double_differentiable_attention():
+    """Attention through PyTorch's math SDPA kernel, the one with a double backward."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - older torch
+        yield
+        return
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
+
+
+# --------------------------------------------------------------------------- rank schedule
+def rank_components(model: nn.Module, params: list[torch.Tensor]) -> list[tuple[int, int, torch.Tensor]]:
+    """For every LoRA-factor layer: (index of lora_A in ``params``, of lora_B, their rank)."""
+    from lorafit.adapters import adapter_layers
+    index = {id(p): i for i, p in enumerate(params)}
+    found = []
+    for layer in adapter_layers(model).values():
+        A, B = getattr(layer, "lora_A", None), getattr(layer, "lora_B", None)
+        if isinstance(A, nn.Parameter) and isinstance(B, nn.Parameter) and id(A) in index and id(B) in index:
+            found.append((index[id(A)], index[id(B)], A.shape[0]))
+    return found
+
+
+def component_utility(scores: list[torch.Tensor], components: list[tuple[int, int, int]]) -> torch.Tensor:
+    """Per rank-1 component (row i of A, column i of B): the sum of the whitened squared gradient
+    ``½ g²/F`` over its entries — the predicted decrease of a Newton step in the diagonal metric."""
+    return torch.cat([0.5 * (scores[a].sum(1) + scores[b].sum(0)) for a, b, _ in components])
+
+
+# --------------------------------------------------------------------------- the callback
+class TrustRegionStep(Callback):
+    """Replaces the optimizer step with a CTR trust-region step (see the module docstring)."""
+
+    def __init__(self, cfg: CTRConfig) -> None:
+        self.cfg = cfg
+        self.radius = cfg.radius
+        self.fisher: Optional[Vector] = None
+        self.utility: Optional[torch.Tensor] = None
+        self.active: Optional[torch.Tensor] = None  # bool per rank-1 component
+        self.grad: Optional[Vector] = None
+        self.last: dict[str, float] = {}
+
+    def on_train_start(self, trainer: Any) -> None:
+        for other in trainer.callbacks:
+            if type(other).extra_loss is not Callback.extra_loss:
+                raise ConfigError(
+                    f"optimizer=ctr cannot be combined with {type(other).__name__}, which adds a regulariser to "
+                    f"the loss (e.g. AdaLoRA's orthogonality penalty): CTR's quadratic model and its ratio ρ are "
+                    f"built from the task loss alone, so the step would be judged against the wrong function. "
+                    f"Use another adapter with optimizer=ctr, or optimizer=adamw with this one.")
+        model = trainer.unwrapped()
+        switched = 0
+        for module in model.modules():
+            if isinstance(module, nn.Dropout) and module.p > 0:
+                module.p = 0.0
+                switched += 1
+        if switched and trainer.accelerator.is_main_process:
+            from rich.console import Console
+            Console(stderr=True).print(f"[yellow]optimizer=ctr: dropout switched off in {switched} module(s)[/] "
+                                       "(ρ compares two losses of one deterministic function)")
+
+    def after_backward(self, trainer: Any) -> None:
+        self.grad = flatten([p.grad for p in trainer.params], trainer.params)   # before any clipping
+
+    # -- pieces of the step
+    def _metric(self, grad: Vector) -> Optional[Vector]:
+        beta = self.cfg.fisher_beta
+        squared = grad * grad
+        self.fisher = squared if self.fisher is None else beta * self.fisher.to(grad.device) + (1 - beta) * squared
+        if self.cfg.metric != "fisher":
+            return None
+        floor = self.fisher.mean().clamp_min(1e-30) * 1e-3
+        metric = self.fisher + floor
+        return metric / metric.mean()
+
+    def _rank_mask(self, trainer: Any, grad: Vector) -> Optional[Vector]:
+        """The 0/1 mask of trainable coordinates under the rank budget (None: everything)."""
+        if self.cfg.rank_budget >= 1.0:
+            return None
+        params = trainer.params
+        components = rank_components(trainer.unwrapped(), params)
+        if not components:
+            return None
+        scores = unflatten(grad * grad / (self.fisher + self.fisher.mean().clamp_min(1e-30) * 1e-3), params)
+        utility = component_utility([s.float() for s in scores], components)
+        beta = self.cfg.fisher_beta
+        self.utility = utility if self.utility is None else beta * self.utility.to(utility.device) + (1 - beta) * utility
+        if self.active is None or trainer.step % self.cfg.rank_every == 0:
+            keep = max(1, int(round(self.cfg.rank_budget * utility.numel())))
+            active = torch.zeros(utility.numel(), dtype=torch.bool, device=utility.device)
+            active[torch.topk(self.utility, keep).indices] = True
+            self.active = active
+        masks = [torch.ones_like(p, dtype=torch.float32) for p in params]
+        start = 0
+        for a, b, r in components:
+            on = self.active[start:start + r].float()
+            masks[a] = on[:, None].expand_as(params[a]).clone()
+            masks[b] = on[None, :].expand_as(params[b]).clone()
+            start += r
+        return flatten(masks, params)
+
+    def _pieces(self, trainer: Any) -> list[Callable[[], tuple[torch.Tensor, torch.Tensor]]]:
+        model, task, units = trainer.unwrapped(), trainer.task, trainer.global_units
+        acc = trainer.accelerator
+
+        def piece(batch: dict[str, torch.Tensor]) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+            def run() -> tuple[torch.Tensor, torch.Tensor]:
+                with acc.autocast():
+                    logits = model(**model_inputs(batch)).logits
+                return logits, task_loss(logits, batch["labels"], task) / units
+            return run
+        return [piece(b) for b in trainer.current_batches]
+
+    def _reduce(self, trainer: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+        acc = trainer.accelerator
+        if acc.num_processes == 1:
+            return lambda t: t
+        return lambda t: acc.reduce(t.to(acc.device), "sum").to(t.device)
+
+    @torch.no_grad()
+    def _loss_at(self, pieces: list[Callable], reduce: Callable) -> float:
+        total = torch.zeros((), dtype=torch.float64)
+        for run in pieces:
+            total += run()[1].double().cpu()
+        return float(reduce(total))
+
+    def before_optimizer_step(self, trainer: Any) -> None:
+        cfg, params = self.cfg, trainer.params
+        grad = self.grad.to(params[0].device)
+        metric = self._metric(grad)
+        mask = self._rank_mask(trainer, grad)
+        if mask is not None:
+            grad = grad * mask
+        pieces, reduce = self._pieces(trainer), self._reduce(trainer)
+        with double_differentiable_attention():
+            operator = CurvatureOperator(pieces, params, cfg.curvature, cfg.damping, cache=len(pieces) == 1,
+                                         reduce=reduce)
+            loss_before = operator.losses()
+            hvp = operator if mask is None else (lambda v: mask * operator(mask * v))
+            result = steihaug_cg(grad, hvp, self.radius, metric, cfg.cg_iters, cfg.cg_tol)
+            operator.release()
+        saved = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, step in zip(params, unflatten(result.step, params)):
+                p.add_(step)
+        loss_after = self._loss_at(pieces, reduce)
+        predicted = -result.model_value
+        actual = loss_before - loss_after
+        rho = actual / predicted if predicted > 0 else 0.0   # no predicted decrease (g = 0): reject
+        radius_used = self.radius
+        accepted, self.radius = update_radius(rho, self.radius, result.boundary, cfg)
+        if not accepted:
+            with torch.no_grad():
+                for p, old in zip(params, saved):
+                    p.copy_(old)
+        self.grad = None
+        self.last = {"rho": rho, "radius": radius_used, "accepted": float(accepted),
+                     "cg_iters": float(result.iters), "boundary": float(result.boundary),
+                     "pred_reduction": predicted, "actual_reduction": actual, "loss_before": loss_before}
+        if self.active is not None:
+            self.last["active_rank"] = float(self.active.sum())
+
+    def step_metrics(self, trainer: Any) -> dict[str, float]:
+        return dict(self.last)
+
+    def state_dict(self) -> dict:
+        return {"radius": self.radius, "fisher": self.fisher, "utility": self.utility, "active": self.active}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.radius = state["radius"]
+        self.fisher, self.utility, self.active = state["fisher"], state["utility"], state["active"]

@@ -1,0 +1,351 @@
+"""CTR-LoRA's trust-region step: the CG subproblem solver, the curvature products, the ρ rule, the
+rejected step, and the step inside ``lorafit train`` (logging, accumulation, resume)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from torch.func import functional_call
+
+from lorafit.config import ModelConfig
+from lorafit.optim import ctr
+from lorafit.optim.ctr import CTRConfig, CurvatureOperator, component_utility, steihaug_cg, update_radius
+
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+
+F64 = torch.float64
+
+
+# --------------------------------------------------------------------------- 1. the subproblem
+def spd(n: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=F64))
+    return q @ torch.diag(torch.linspace(0.5, 5.0, n, dtype=F64)) @ q.T
+
+
+def model_value(g: torch.Tensor, H: torch.Tensor, d: torch.Tensor) -> float:
+    return float(g @ d + 0.5 * d @ H @ d)
+
+
+def test_cg_interior_solution_is_the_newton_step() -> None:
+    H, g = spd(6, 0), torch.randn(6, dtype=F64)
+    newton = -torch.linalg.solve(H, g)
+    got = steihaug_cg(g, lambda v: H @ v, radius=10 * float(newton.norm()), max_iters=6, tol=1e-12)
+    assert not got.boundary
+    torch.testing.assert_close(got.step, newton, rtol=1e-9, atol=1e-9)
+    assert got.model_value == pytest.approx(model_value(g, H, got.step), rel=1e-9)
+
+
+def test_cg_boundary_solution_of_an_isotropic_model() -> None:
+    # H = 3I: the trust-region solution is -Δ g/‖g‖ whenever the Newton step -g/3 is outside.
+    H, g = 3 * torch.eye(5, dtype=F64), torch.randn(5, dtype=F64)
+    radius = 0.1 * float(g.norm()) / 3
+    got = steihaug_cg(g, lambda v: H @ v, radius=radius, max_iters=5, tol=1e-12)
+    assert got.boundary and got.iters == 1
+    torch.testing.assert_close(got.step, -radius * g / g.norm(), rtol=1e-12, atol=1e-12)
+    assert got.model_value == pytest.approx(model_value(g, H, got.step), rel=1e-12)
+
+
+def test_cg_follows_negative_curvature_to_the_boundary() -> None:
+    H = torch.diag(torch.tensor([-2.0, 1.0, 4.0], dtype=F64))
+    g = torch.tensor([1.0, 0.0, 0.0], dtype=F64)           # along the negative eigenvector
+    got = steihaug_cg(g, lambda v: H @ v, radius=0.7, max_iters=3, tol=1e-12)
+    assert got.boundary
+    torch.testing.assert_close(got.step, torch.tensor([-0.7, 0.0, 0.0], dtype=F64))
+    assert got.model_value == pytest.approx(model_value(g, H, got.step), rel=1e-12)
+
+
+def test_cg_in_the_diagonal_metric() -> None:
+    # H = c·M: in x = M^{1/2} δ the model is isotropic, so the boundary solution is
+    # δ = -Δ M⁻¹g / ‖M^{-1/2} g‖ and has ‖δ‖_M = Δ; the interior one is -H⁻¹g.
+    M = torch.tensor([0.5, 1.0, 2.0, 4.0], dtype=F64)
+    H, g = torch.diag(2.0 * M), torch.randn(4, dtype=F64)
+    newton = -g / (2.0 * M)
+    radius = 0.5 * float(torch.sqrt(newton @ (M * newton)))
+    got = steihaug_cg(g, lambda v: H @ v, radius=radius, metric=M, max_iters=4, tol=1e-12)
+    expected = -radius * (g / M) / torch.sqrt(g @ (g / M))
+    assert got.boundary
+    torch.testing.assert_close(got.step, expected, rtol=1e-10, atol=1e-12)
+    assert float(torch.sqrt(got.step @ (M * got.step))) == pytest.approx(radius, rel=1e-10)
+    inside = steihaug_cg(g, lambda v: H @ v, radius=10 * radius, metric=M, max_iters=4, tol=1e-12)
+    torch.testing.assert_close(inside.step, newton, rtol=1e-10, atol=1e-12)
+
+
+def test_cg_stops_at_its_iteration_limit_inside_the_region() -> None:
+    H, g = spd(8, 1), torch.randn(8, dtype=F64)
+    got = steihaug_cg(g, lambda v: H @ v, radius=1e6, max_iters=2, tol=1e-12)
+    assert got.iters == 2 and not got.boundary
+    assert got.model_value == pytest.approx(model_value(g, H, got.step), rel=1e-9)
+    assert got.model_value < 0
+
+
+# --------------------------------------------------------------------------- 2. the ρ rule
+CFG = CTRConfig(radius=1.0, max_radius=3.0)
+
+
+@pytest.mark.parametrize("rho, boundary, accepted, radius", [
+    (0.1, True, False, 0.5),      # poor model: reject, shrink (γ2 = 0.5)
+    (-3.0, False, False, 0.5),    # the loss went up
+    (float("nan"), False, False, 0.5),
+    (0.25, True, True, 1.0),      # η1 exactly: accept, keep
+    (0.5, True, True, 1.0),       # between η1 and η2: keep
+    (0.9, False, True, 1.0),      # good, but inside the region: keep
+    (0.9, True, True, 2.0),       # good at the boundary: grow (γ1 = 2)
+    (1.2, True, True, 2.0),
+])
+def test_radius_rule(rho: float, boundary: bool, accepted: bool, radius: float) -> None:
+    assert update_radius(rho, 1.0, boundary, CFG) == (accepted, radius)
+
+
+def test_radius_growth_is_capped() -> None:
+    assert update_radius(0.9, 2.0, True, CFG) == (True, 3.0)
+
+
+# --------------------------------------------------------------------------- 3. curvature products
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.l2(torch.tanh(self.l1(x)))
+
+
+@pytest.fixture
+def tiny_problem():
+    torch.manual_seed(0)
+    net = Tiny().double()
+    x, y = torch.randn(6, 4, dtype=F64), torch.tensor([0, 1, 2, 1, 0, 2])
+    params = list(net.parameters())
+    names = [n for n, _ in net.named_parameters()]
+
+    def loss_of_logits(z: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(z, y, reduction="sum") / 6
+
+    def logits_of_flat(flat: torch.Tensor) -> torch.Tensor:
+        chunks, start = {}, 0
+        for n, p in zip(names, params):
+            chunks[n] = flat[start:start + p.numel()].view_as(p)
+            start += p.numel()
+        return functional_call(net, chunks, (x,))
+
+    def piece():
+        z = net(x)
+        return z, loss_of_logits(z)
+
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    return net, params, piece, loss_of_logits, logits_of_flat, flat
+
+
+def test_gauss_newton_product_matches_the_explicit_matrix(tiny_problem) -> None:
+    _, params, piece, loss_of_logits, logits_of_flat, flat = tiny_problem
+    J = torch.autograd.functional.jacobian(logits_of_flat, flat).reshape(-1, flat.numel())   # (6·3, n)
+    z = logits_of_flat(flat).detach()
+    H_L = torch.autograd.functional.hessian(lambda zz: loss_of_logits(zz.view_as(z)), z.reshape(-1))
+    G = J.T @ H_L @ J
+    op = CurvatureOperator([piece], params, "ggn")
+    assert op.losses() == pytest.approx(float(loss_of_logits(z)))
+    for seed in range(3):
+        v = torch.randn(flat.numel(), generator=torch.Generator().manual_seed(seed), dtype=F64)
+        torch.testing.assert_close(op(v), G @ v, rtol=1e-10, atol=1e-12)
+    # damping adds λv; and G is not the Hessian here (a wrong kind would be caught)
+    torch.testing.assert_close(CurvatureOperator([piece], params, "ggn", damping=0.3)(v), G @ v + 0.3 * v)
+
+
+def test_hessian_product_matches_the_explicit_matrix(tiny_problem) -> None:
+    _, params, piece, loss_of_logits, logits_of_flat, flat = tiny_problem
+    H = torch.autograd.functional.hessian(lambda f: loss_of_logits(logits_of_flat(f)), flat)
+    op = CurvatureOperator([piece], params, "hessian")
+    op.losses()
+    v = torch.randn(flat.numel(), generator=torch.Generator().manual_seed(5), dtype=F64)
+    torch.testing.assert_close(op(v), H @ v, rtol=1e-10, atol=1e-12)
+    G = CurvatureOperator([piece], params, "ggn")(v)
+    assert float((G - H @ v).abs().max()) > 1e-4     # the two kinds really differ on this net
+
+
+def test_products_split_over_micro_batches_add_up(tiny_problem) -> None:
+    net, params, piece, *_ = tiny_problem
+    x, y = torch.randn(6, 4, dtype=F64), torch.tensor([0, 1, 2, 1, 0, 2])
+
+    def part(rows: slice):
+        def run():
+            z = net(x[rows])
+            return z, nn.functional.cross_entropy(z, y[rows], reduction="sum") / 6
+        return run
+    v = torch.randn(sum(p.numel() for p in params), dtype=F64)
+    for kind in ("ggn", "hessian"):
+        whole = CurvatureOperator([part(slice(0, 6))], params, kind)
+        split = CurvatureOperator([part(slice(0, 2)), part(slice(2, 6))], params, kind, cache=False)
+        assert whole.losses() == pytest.approx(split.losses(), rel=1e-12)
+        torch.testing.assert_close(split(v), whole(v), rtol=1e-10, atol=1e-12)
+
+
+def test_gauss_newton_through_dora_and_attention_matches_the_explicit_jacobian(minilm_cfg: ModelConfig) -> None:
+    """MiniLM + DoRA in float64, 2 examples × 2 logits: J built row by row with plain vjps, the
+    softmax Hessian written by hand (``(diag(p) − p pᵀ)/N`` per example), G v = Jᵀ H_L J v —
+    against the operator's double-vjp products through DoRA's ScaleRows and attention."""
+    from lorafit.adapters.dora import DoRAConfig
+    from lorafit.assemble import assemble
+
+    torch.manual_seed(0)
+    asm = assemble(minilm_cfg, DoRAConfig(r=2, target_modules=["query", "value"]), None, "classification", 2)
+    model = asm.model.double().eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    with torch.no_grad():
+        for p in params:   # B = 0 would hide the B·A terms: give every factor a value
+            p.add_(0.05 * torch.randn_like(p))
+    batch = asm.tokenizer(["a fine film", "dull and long, really"], return_tensors="pt", padding=True)
+    labels = torch.tensor([1, 0])
+
+    def piece():
+        z = model(**batch).logits
+        return z, nn.functional.cross_entropy(z, labels, reduction="sum") / 2
+
+    z = model(**batch).logits
+    rows = []
+    for i in range(z.numel()):
+        e = torch.zeros_like(z).view(-1)
+        e[i] = 1.0
+        grads = torch.autograd.grad(z, params, e.view_as(z), retain_graph=True, allow_unused=True)
+        rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)]))
+    J = torch.stack(rows)                                       # (4, n)
+    prob = torch.softmax(z.detach(), -1)
+    H_L = torch.block_diag(*[(torch.diag(q) - torch.outer(q, q)) / 2 for q in prob])
+    v = torch.randn(J.shape[1], dtype=F64)
+    with ctr.double_differentiable_attention():
+        op = CurvatureOperator([piece], params, "ggn")
+        op.losses()
+        got = op(v)
+    torch.testing.assert_close(got, J.T @ (H_L @ (J @ v)), rtol=1e-9, atol=1e-12)
+
+
+def test_whitened_utility_of_rank_components() -> None:
+    A, B = torch.arange(6.0).view(2, 3), torch.arange(8.0).view(4, 2)   # r = 2
+    got = component_utility([A, B], [(0, 1, 2)])
+    torch.testing.assert_close(got, 0.5 * torch.stack([A[0].sum() + B[:, 0].sum(), A[1].sum() + B[:, 1].sum()]))
+
+
+# --------------------------------------------------------------------------- 4. inside lorafit train
+TINY = ("model=tiny_llama", "data=sentiment_demo", "data.max_train_examples=32", "data.max_eval_examples=16",
+        "data.batch_size=8", "progress=false", "eval_at_start=false")
+
+
+def records(run: Path) -> list[dict]:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "split" not in r]
+
+
+def adapter_of(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+
+
+def test_dora_with_ctr_logs_every_step_and_keeps_its_promises(run_cli, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    result = run_cli("train", f"output_dir={run}", *TINY, "+adapter=dora", "+optim=ctr", "max_steps=4",
+                     "optimizer.radius=0.05")
+    assert result.code == 0, result.text
+    rows = records(run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]          # a row every step although log_every=10
+    for row in rows:
+        assert {"rho", "radius", "accepted", "cg_iters", "pred_reduction", "actual_reduction"} <= row.keys()
+        assert row["pred_reduction"] > 0 and 1 <= row["cg_iters"] <= 10
+        assert row["rho"] == pytest.approx(row["actual_reduction"] / row["pred_reduction"])
+        # CTR's L(θ) is the loss the trainer's backward saw (same batch, dropout off)
+        assert row["loss_before"] == pytest.approx(row["loss"], abs=1e-6)
+    assert any(r["accepted"] for r in rows)
+
+
+def test_a_rejected_step_leaves_the_weights_bit_for_bit(run_cli, tmp_path: Path, monkeypatch) -> None:
+    seen: list[list[torch.Tensor]] = []
+    real = ctr.TrustRegionStep.before_optimizer_step
+
+    def spy(self, trainer):
+        seen.append([p.detach().clone() for p in trainer.params])
+        real(self, trainer)
+        seen.append([p.detach().clone() for p in trainer.params])
+    monkeypatch.setattr(ctr.TrustRegionStep, "before_optimizer_step", spy)
+    monkeypatch.setattr(ctr, "update_radius", lambda rho, radius, boundary, cfg: (False, radius * cfg.shrink))
+    run = tmp_path / "run"
+    assert (r := run_cli("train", f"output_dir={run}", *TINY, "+optim=ctr", "max_steps=2")).code == 0, r.text
+    for before, after in zip(seen[0::2], seen[1::2]):
+        assert all(torch.equal(a, b) for a, b in zip(before, after))
+    rows = records(run)
+    assert [r["accepted"] for r in rows] == [0, 0] and rows[1]["radius"] == pytest.approx(0.05)
+    assert rows[0]["actual_reduction"] != 0     # the trial point was really evaluated
+
+
+def test_ctr_step_is_the_same_with_gradient_accumulation(run_cli, tmp_path: Path) -> None:
+    args = (*TINY, "+optim=ctr", "max_steps=2", "model.dropout=0.0")
+    one, four = tmp_path / "one", tmp_path / "four"
+    assert (r := run_cli("train", f"output_dir={one}", *args)).code == 0, r.text
+    assert (r := run_cli("train", f"output_dir={four}", *args, "hardware.grad_accum_steps=4")).code == 0, r.text
+    for a, b in zip(records(one), records(four)):
+        for key in ("loss", "rho", "pred_reduction", "cg_iters", "accepted", "radius"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), key
+    a, b = adapter_of(one), adapter_of(four)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+
+
+def test_ctr_resumes_with_its_radius_and_metric(run_cli, tmp_path: Path) -> None:
+    args = (*TINY, "+optim=ctr", "optimizer.metric=fisher", "optimizer.rank_budget=0.5", "optimizer.rank_every=2",
+            "max_steps=4", "save_every=2")
+    full = tmp_path / "full"
+    assert (r := run_cli("train", f"output_dir={full}", *args)).code == 0, r.text
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full / "checkpoints" / "step-000002", resumed / "checkpoints" / "step-000002")
+    shutil.copy(full / "config.yaml", resumed / "config.yaml")
+    assert (r := run_cli("train", f"output_dir={resumed}", *args, "resume=true")).code == 0, r.text
+    a, b = adapter_of(full), adapter_of(resumed)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+    tail, got = records(full)[2:], records(resumed)
+    assert [r["radius"] for r in got] == [r["radius"] for r in tail]
+    # tiny Llama: 7 targets × 2 layers × r=8 = 112 rank-1 components, half of them trained
+    assert {r["active_rank"] for r in got + tail} == {56}
+
+
+def test_rank_schedule_freezes_the_components_outside_the_budget(run_cli, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    args = (*TINY, "+optim=ctr", "optimizer.rank_budget=0.25", "optimizer.rank_every=100", "max_steps=3",
+            "save_every=1", "keep_checkpoints=5")
+    assert (r := run_cli("train", f"output_dir={run}", *args)).code == 0, r.text
+    first, last = load_file(str(run / "checkpoints" / "step-000001" / "adapter" / "adapter_model.safetensors")), adapter_of(run)
+    moved = frozen = 0
+    for key in (k for k in first if k.endswith("lora_A")):
+        key_b = key[:-1] + "B"
+        for i in range(first[key].shape[0]):   # component i: row i of A and column i of B
+            a_same = torch.equal(first[key][i], last[key][i])
+            b_same = torch.equal(first[key_b][:, i], last[key_b][:, i])
+            assert a_same == b_same, (key, i)
+            moved, frozen = moved + (not a_same), frozen + a_same
+    assert moved == 28 and frozen == 84     # the mask chosen at step 1 holds (rank_every=100)
+
+
+def test_bad_ctr_options_fail_with_a_clear_message(run_cli, tmp_path: Path) -> None:
+    r = run_cli("train", f"output_dir={tmp_path / 'x'}", *TINY, "+optim=ctr", "optimizer.curvature=newton")
+    assert r.code == 2 and "optimizer.curvature" in r.text and "ggn" in r.text
+    r = run_cli("train", f"output_dir={tmp_path / 'y'}", *TINY, "+optim=ctr", "optimizer.lr=1e-3")
+    assert r.code == 2 and "lr" in r.text
+    r = run_cli("train", f"output_dir={tmp_path / 'z'}", *TINY, "+optim=ctr", "+adapter=adalora", "max_steps=2")
+    assert r.code == 2 and "RankAllocator" in r.text and "regulariser" in r.text and "Traceback" not in r.text
+
+
+@pytest.mark.slow
+def test_two_processes_take_the_same_ctr_steps_as_one(run_cli, tmp_path: Path) -> None:
+    from test_train import _accelerate
+
+    args = (*TINY, "+optim=ctr", "max_steps=3", "model.dropout=0.0")
+    one = tmp_path / "one"
+    assert (r := run_cli("train", f"output_dir={one}", *args, "hardware=cpu")).code == 0, r.text
+    proc = _accelerate(tmp_path / "two", *args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for a, b in zip(records(one), records(tmp_path / "two"), strict=True):
+        for key in ("loss", "rho", "pred_reduction", "actual_reduction", "cg_iters", "accepted", "radius"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), key
+    a, b = adapter_of(one), adapter_of(tmp_path / "two")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
