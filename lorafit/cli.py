@@ -1,4 +1,4 @@
-"""``lorafit train | merge | eval``: the command line.
+"""``lorafit train | merge | eval | report``: the command line.
 
 ``lorafit train [--recipe FILE] [overrides]`` composes ``configs/train.yaml`` with Hydra, applies a
 recipe (a diff-only Hydra file, see ``recipes/``) and the overrides, validates everything against
@@ -180,12 +180,28 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def eval_overrides(overrides: Sequence[str]) -> list[str]:
+    """``suite=commonsense`` without a ``data=`` choice also chooses ``data=commonsense``."""
+    overrides = list(overrides)
+    choose_data = not any(re.match(r"^\+?data=", o) for o in overrides)
+    if choose_data and "suite=commonsense" in (o.replace(" ", "") for o in overrides):
+        overrides.insert(0, "data=commonsense")
+    return overrides
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from lorafit.config import EvalConfig, validate
     from lorafit.run import evaluate_model
 
-    cfg = validate(compose("eval", args.overrides), EvalConfig, groups=("data", "hardware"))
+    cfg = validate(compose("eval", eval_overrides(args.overrides)), EvalConfig, groups=("data", "hardware"))
     evaluate_model(args.model, cfg)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from lorafit.report import report
+
+    report(args.run_dirs, args.output_dir)
     return 0
 
 
@@ -205,8 +221,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_merge)
     p = sub.add_parser("eval", help="score a base model folder, a run folder or a merged folder")
     p.add_argument("model", help="a Hugging Face model folder, a run folder or a merged folder")
-    p.add_argument("overrides", nargs="*", help="e.g. suite=glue data.task=sst2 data.path=DIR output_dir=EVAL")
+    p.add_argument("overrides", nargs="*",
+                   help="e.g. suite=glue data.task=sst2 data.path=DIR output_dir=EVAL; "
+                        "suite=commonsense protocol=loglik \"tasks=[boolq,piqa]\" data.path=DIR")
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("report", help="compare runs side by side: metrics table and loss curves (report.md, loss.png)")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                   help="training run folders or `lorafit eval` output folders")
+    p.add_argument("--output-dir", default="report", help="where report.md and loss.png go (default: report/)")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

@@ -151,19 +151,43 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Keys of ``configs/eval.yaml`` (``lorafit eval MODEL_OR_RUN ...``)."""
+    """Keys of ``configs/eval.yaml`` (``lorafit eval MODEL_OR_RUN ...``).
+
+    Attributes:
+        suite: ``glue`` (the data group's GLUE task(s), or another classification set) or
+            ``commonsense`` (the LLM-Adapters suite; ``data=commonsense`` is then the default).
+        tasks: GLUE task names or commonsense task folder names; default: ``data.task`` (GLUE) or
+            ``data.tasks`` / every task folder under ``data.path`` (commonsense).
+        protocol: commonsense only: ``loglik`` (causal LMs), ``generate`` (causal LMs),
+            ``mc_head`` (encoders with a multiple-choice head), or ``auto`` (from the model).
+        limit: score only the first N examples of each file / split.
+        max_new_tokens: ``protocol=generate``: greedy tokens generated per example.
+        batch_size: examples per forward pass.
+    """
 
     data: Any = None
     hardware: Any = None
     suite: str = "glue"
+    tasks: Optional[list[str]] = None
+    protocol: str = "auto"
     output_dir: Optional[str] = None
     batch_size: int = 64
     limit: Optional[int] = None
+    max_new_tokens: int = 32
     save_predictions: bool = False
 
     def __post_init__(self) -> None:
-        check_choice("suite", self.suite, ["glue"])
+        check_choice("suite", self.suite, ["glue", "commonsense"])
+        check_choice("protocol", self.protocol, ["auto", "loglik", "generate", "mc_head"])
+        if self.suite == "glue" and self.protocol != "auto":
+            raise ConfigError(f"protocol={self.protocol} applies to suite=commonsense only; GLUE is scored with the "
+                              f"model's classification head. Drop protocol= or add suite=commonsense.")
         check_range("batch_size", self.batch_size, 1)
+        check_range("max_new_tokens", self.max_new_tokens, 1)
+        if self.limit is not None:
+            check_range("limit", self.limit, 1)
+        if self.tasks is not None and not self.tasks:
+            raise ConfigError("tasks=[] names no task. Name some, e.g. \"tasks=[rte,mrpc]\", or drop the key.")
 
 
 def schema_of(node: DictConfig, key: str) -> type:

@@ -15,10 +15,11 @@ from lorafit.data.tasks import IGNORE_INDEX, collate
 def task_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
     """The *summed* loss of a batch (the trainer divides by the step's global unit count).
 
-    classification: cross-entropy per example; regression: squared error per example;
-    causal_lm: next-token cross-entropy per labelled token (prompt tokens carry -100).
+    classification and multiple_choice: cross-entropy per example (over classes or choices);
+    regression: squared error per example; causal_lm: next-token cross-entropy per labelled token
+    (prompt tokens carry -100).
     """
-    if task == "classification":
+    if task in ("classification", "multiple_choice"):
         return F.cross_entropy(logits.float(), labels, reduction="sum")
     if task == "regression":
         return F.mse_loss(logits.float().squeeze(-1), labels.float(), reduction="sum")
@@ -28,7 +29,17 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Te
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in batch.items() if k != "labels"}
+    """What the model's forward takes: the batch without ``labels`` and ``choice_mask``."""
+    return {k: v for k, v in batch.items() if k not in ("labels", "choice_mask")}
+
+
+def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's logits for a batch; padded choices (``choice_mask`` False) get the lowest value."""
+    logits = model(**model_inputs(batch)).logits
+    mask = batch.get("choice_mask")
+    if mask is not None:
+        logits = logits.masked_fill(~mask.to(logits.device), torch.finfo(logits.dtype).min)
+    return logits
 
 
 @torch.no_grad()
@@ -40,8 +51,8 @@ def predict(model: nn.Module, dataset: Any, task: str, batch_size: int, pad_toke
     results are gathered back in file order.
 
     Returns:
-        ``{"predictions": [...], "labels": [...]}`` for classification (class ids) and regression
-        (floats); ``{"loss": mean token loss, "tokens": n}`` for causal_lm.
+        ``{"predictions": [...], "labels": [...]}`` for classification and multiple_choice (class or
+        choice ids) and regression (floats); ``{"loss": mean token loss, "tokens": n}`` for causal_lm.
     """
     indices = list(range(len(dataset)))
     if accelerator is not None and accelerator.num_processes > 1:
@@ -53,7 +64,7 @@ def predict(model: nn.Module, dataset: Any, task: str, batch_size: int, pad_toke
     for start in range(0, len(indices), batch_size):
         rows = dataset.select(indices[start:start + batch_size])
         batch = {k: v.to(device) for k, v in collate(list(rows), pad_token_id).items()}
-        logits = model(**model_inputs(batch)).logits
+        logits = forward_logits(model, batch)
         if task == "causal_lm":
             loss_sum += float(task_loss(logits, batch["labels"], task))
             tokens += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())

@@ -36,8 +36,9 @@ def probe_inputs(tokenizer) -> dict[str, torch.Tensor]:
 
 
 def _auto_class(task: str):
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-    return AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification
+    from lorafit.models import AUTO_CLASSES
+    return AUTO_CLASSES.get(task, AutoModelForSequenceClassification)
 
 
 @torch.no_grad()
@@ -59,6 +60,8 @@ def merge(run_dir: str, out_dir: str, base_model: Optional[str] = None, toleranc
     assembled = load_adapted(adapter_dir, base_model)
     model, tokenizer, task = assembled.model.float().eval(), assembled.tokenizer, assembled.meta["task"]
     inputs = probe_inputs(tokenizer)
+    if task == "multiple_choice":  # one question whose four choices are the probe texts
+        inputs = {k: v[None] for k, v in inputs.items()}
     adapted = model(**inputs).logits
     fold_into_base(model)
     folded = model(**inputs).logits

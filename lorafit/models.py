@@ -1,7 +1,8 @@
 """Load a base model and its tokenizer; default adapter targets per architecture.
 
 Tasks: ``classification`` and ``regression`` (``AutoModelForSequenceClassification``, encoders
-and decoders alike) and ``causal_lm`` (``AutoModelForCausalLM``). The data config decides the task
+and decoders alike), ``multiple_choice`` (``AutoModelForMultipleChoice``, encoders; inputs
+batch × choices × seq) and ``causal_lm`` (``AutoModelForCausalLM``). The data config decides the task
 and the number of labels; the model config decides which weights.
 """
 
@@ -13,12 +14,13 @@ from typing import Iterable
 
 import torch
 from torch import nn
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification,
-                          AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase)
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForMultipleChoice,
+                          AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase)
 
 from lorafit.config import ConfigError, ModelConfig
 
-TASKS = ("classification", "regression", "causal_lm")
+TASKS = ("classification", "regression", "causal_lm", "multiple_choice")
+AUTO_CLASSES = {"causal_lm": AutoModelForCausalLM, "multiple_choice": AutoModelForMultipleChoice}
 
 # Adapter targets when the user names none: the attention and MLP projections of each family.
 DEFAULT_TARGETS = {
@@ -74,8 +76,8 @@ def load_model(cfg: ModelConfig, task: str, num_labels: int = 2, seed: int = 0,
     """
     if task not in TASKS:
         raise ConfigError(f"Unknown task {task!r}; allowed: {', '.join(TASKS)}.")
-    auto_cls = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
-    extra = {} if task == "causal_lm" else {"num_labels": 1 if task == "regression" else num_labels}
+    auto_cls = AUTO_CLASSES.get(task, AutoModelForSequenceClassification)
+    extra = {} if task in AUTO_CLASSES else {"num_labels": 1 if task == "regression" else num_labels}
     if task == "regression":
         extra["problem_type"] = "regression"
     torch.manual_seed(seed)  # new heads (and built models) get reproducible weights

@@ -49,6 +49,9 @@ def train(cfg: TrainConfig) -> dict[str, dict]:
     """Assemble the model, tokenise the data once, run the trainer; returns final eval metrics."""
     accelerator = make_accelerator(cfg.hardware)
     set_seed(cfg.seed)
+    resolve = getattr(cfg.data, "resolve_objective", None)  # data=commonsense: MC head or SFT, by the model
+    if resolve is not None:
+        resolve(cfg.model)
     run_dir = Path(cfg.output_dir)
     found = latest_checkpoint(run_dir)
     if found is not None and not cfg.resume:
@@ -152,33 +155,58 @@ def load_for_eval(path: str, data: Any) -> tuple[Any, Any, str]:
 
 
 def evaluate_model(path: str, cfg: EvalConfig) -> dict[str, dict]:
-    """``lorafit eval``: score ``path`` on the data's dev splits; write results.json (+ predictions)."""
+    """``lorafit eval``: score ``path`` on the data's dev splits; write results.json, results.md
+    (+ predictions). ``tasks=[...]`` scores several GLUE tasks; ``suite=commonsense`` goes to
+    :func:`lorafit.commonsense_eval.evaluate_commonsense`."""
+    import dataclasses
+
     from rich.progress import Progress
 
+    from lorafit.data.commonsense import CommonsenseData
+    from lorafit.data.glue import get_task
+    from lorafit.data.tasks import GlueData
+    from lorafit.report import write_results
+
+    if cfg.suite == "commonsense":
+        from lorafit.commonsense_eval import evaluate_commonsense
+        return evaluate_commonsense(path, cfg)
     data = cfg.data
+    if isinstance(data, CommonsenseData):
+        raise ConfigError("data=commonsense is scored with suite=commonsense (and a protocol); add suite=commonsense.")
+    if cfg.tasks and not isinstance(data, GlueData):
+        raise ConfigError(f"tasks=[...] with suite=glue names GLUE tasks, but data={type(data).__name__} was chosen. "
+                          f"Drop tasks= or use data=glue.")
+    for name in cfg.tasks or []:
+        try:
+            get_task(name)
+        except ValueError as exc:
+            raise ConfigError(f"tasks=[...]: {exc}") from None
     if cfg.limit is not None:
         data.max_eval_examples = cfg.limit
+    tasks = [dataclasses.replace(data, task=t) for t in cfg.tasks] if cfg.tasks else [data]
     accelerator = make_accelerator(cfg.hardware)
-    model, tokenizer, kind = load_for_eval(path, data)
-    model.to(accelerator.device)
     out_dir = Path(cfg.output_dir) if cfg.output_dir else Path(path)
-    results, predictions = {}, {}
+    results, predictions, kinds = {}, {}, set()
     with Progress(console=console, disable=not accelerator.is_main_process) as progress:
-        for split in data.eval_splits:
-            dataset = tokenize(data, split, tokenizer, None)
-            name = data.split_name(split)
-            bar = progress.add_task(f"eval {name}", total=len(dataset))
-            result = predict(model, dataset, data.task_type, cfg.batch_size, tokenizer.pad_token_id,
-                             accelerator.device, accelerator, progress=lambda n, b=bar: progress.advance(b, n))
-            results[name] = score(data, result)
-            predictions[name] = result
+        for task_data in tasks:
+            model, tokenizer, kind = load_for_eval(path, task_data)
+            kinds.add(kind)
+            model.to(accelerator.device)
+            for split in task_data.eval_splits:
+                dataset = tokenize(task_data, split, tokenizer, None)
+                name = task_data.split_name(split)
+                bar = progress.add_task(f"eval {name}", total=len(dataset))
+                result = predict(model, dataset, task_data.task_type, cfg.batch_size, tokenizer.pad_token_id,
+                                 accelerator.device, accelerator, progress=lambda n, b=bar: progress.advance(b, n))
+                results[name] = score(task_data, result)
+                predictions[name] = result
     if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+        kind = ", ".join(sorted(kinds))
+        write_results(out_dir, results, title=f"lorafit eval {path} ({kind}), suite={cfg.suite}")
         if cfg.save_predictions:
             write_predictions(out_dir / "predictions.jsonl", predictions)
         print_results(results, title=f"{path} [{kind}]")
-        console.print(f"results → {out_dir / 'results.json'}")
+        console.print(f"results → {out_dir / 'results.json'}, {out_dir / 'results.md'}")
     return results
 
 

@@ -16,7 +16,8 @@ from lorafit.inits.basic import KaimingInit
 from lorafit.optim.basic import AdamWConfig, SGDConfig
 
 # Option files that need a value the YAML leaves to the user.
-REQUIRED_EXTRAS = {("data", "instruct"): ["data.path=some/train.jsonl"]}
+REQUIRED_EXTRAS = {("data", "instruct"): ["data.path=some/train.jsonl"],
+                   ("data", "commonsense"): ["data.path=some/dir"]}
 
 OPTION_FILES = sorted((g, f.stem) for g in GROUPS for f in (CONFIG_DIR / g).glob("*.yaml"))
 

@@ -3,7 +3,7 @@
 Every option is a dataclass with the same small surface, which the trainer and ``lorafit eval``
 use without knowing the dataset:
 
-- ``task`` (``classification`` | ``regression`` | ``causal_lm``) and ``num_labels``;
+- ``task_type`` (``classification`` | ``regression`` | ``causal_lm`` | ``multiple_choice``) and ``num_labels``;
 - ``rows(split)``: raw examples as dicts (``split`` is ``train`` or one of ``eval_splits``);
 - ``encode(row, tokenizer)``: one example's token ids and label(s);
 - ``metrics(predictions, labels)``: the official metrics of the task.
@@ -259,7 +259,13 @@ def tokenize(data: Any, split: str, tokenizer: PreTrainedTokenizerBase, cache_di
 
 
 def collate(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Pad a micro-batch to its longest sequence (right padding; labels padded with -100)."""
+    """Pad a micro-batch to its longest sequence (right padding; labels padded with -100).
+
+    Multiple-choice features (``input_ids`` a list of token lists, one per choice) go to
+    :func:`collate_choices`.
+    """
+    if features[0]["input_ids"] and isinstance(features[0]["input_ids"][0], list):
+        return collate_choices(features, pad_token_id)
     longest = max(len(f["input_ids"]) for f in features)
     batch: dict[str, torch.Tensor] = {}
     for key in features[0]:
@@ -269,6 +275,27 @@ def collate(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
             batch[key] = torch.tensor([v + [pad] * (longest - len(v)) for v in values])
         else:
             batch[key] = torch.tensor(values)
+    return batch
+
+
+def collate_choices(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Multiple choice: pad to ``(batch, choices, longest)``, plus ``choice_mask`` ``(batch, choices)``.
+
+    An example with fewer choices than the batch's most (ARC has 3 to 5) repeats its first choice
+    to fill the row; ``choice_mask`` marks those copies False, and
+    :func:`lorafit.evaluate.forward_logits` gives them the lowest logit.
+    """
+    n_choices = max(len(f["input_ids"]) for f in features)
+    longest = max(len(seq) for f in features for seq in f["input_ids"])
+    batch: dict[str, torch.Tensor] = {}
+    for key in features[0]:
+        if key == "labels":
+            batch[key] = torch.tensor([f[key] for f in features])
+            continue
+        pad = pad_token_id if key == "input_ids" else 0
+        rows = [f[key] + [f[key][0]] * (n_choices - len(f[key])) for f in features]
+        batch[key] = torch.tensor([[seq + [pad] * (longest - len(seq)) for seq in row] for row in rows])
+    batch["choice_mask"] = torch.tensor([[j < len(f["input_ids"]) for j in range(n_choices)] for f in features])
     return batch
 
 

@@ -38,7 +38,7 @@ from lorafit.adapters import adapter_layers
 from lorafit.adapters.lora import LoRALinear
 from lorafit.config import as_dict, check_range, to_yaml
 from lorafit.data.tasks import collate, count_loss_units
-from lorafit.evaluate import model_inputs, task_loss
+from lorafit.evaluate import forward_logits, task_loss
 from lorafit.inits.basic import _lora_factors
 from lorafit.train.callbacks import Callback
 
@@ -168,7 +168,7 @@ class GradientInit(Callback):
 
         def loss_of(batch: dict[str, torch.Tensor]) -> torch.Tensor:
             with acc.autocast():
-                logits = model(**model_inputs(batch)).logits
+                logits = forward_logits(model, batch)
                 return task_loss(logits, batch["labels"], trainer.task) / max(count_loss_units(batch), 1)
 
         batches = ({k: v.to(acc.device) for k, v in collate(list(trainer.train_set.select(

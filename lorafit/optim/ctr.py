@@ -43,7 +43,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from lorafit.config import ConfigError, check_choice, check_range
-from lorafit.evaluate import model_inputs, task_loss
+from lorafit.evaluate import forward_logits, task_loss
 from lorafit.train.callbacks import Callback
 
 Vector = torch.Tensor  # flat fp32 vector over all trainable parameters
@@ -380,7 +380,7 @@ class TrustRegionStep(Callback):
         def piece(batch: dict[str, torch.Tensor]) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
             def run() -> tuple[torch.Tensor, torch.Tensor]:
                 with acc.autocast():
-                    logits = model(**model_inputs(batch)).logits
+                    logits = forward_logits(model, batch)
                 return logits, task_loss(logits, batch["labels"], task) / units
             return run
         return [piece(b) for b in trainer.current_batches]

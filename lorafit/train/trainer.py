@@ -39,7 +39,7 @@ from lorafit.adapters import load_adapter_state, trainable_parameters
 from lorafit.assemble import Assembled, save_adapter
 from lorafit.config import ConfigError, TrainConfig
 from lorafit.data.tasks import collate, count_loss_units
-from lorafit.evaluate import model_inputs, predict, score, task_loss
+from lorafit.evaluate import forward_logits, predict, score, task_loss
 from lorafit.train.callbacks import Callback
 from lorafit.train.checkpoint import (checkpoint_dir, latest_checkpoint, prune_checkpoints, rng_state,
                                       set_rng_state)
@@ -113,7 +113,7 @@ class Trainer:
     # ----------------------------------------------------------------- one step
     def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Forward one micro-batch; its summed loss."""
-        logits = self.model(**model_inputs(batch)).logits
+        logits = forward_logits(self.model, batch)
         return task_loss(logits, batch["labels"], self.task)
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:

@@ -1,0 +1,377 @@
+"""``lorafit eval MODEL suite=commonsense``: the three scorers of the commonsense suite.
+
+Each protocol is reported under its own name (``"protocol"`` in every task's results):
+
+- ``loglik`` (causal LMs): for each choice, the summed log-probability of its continuation given
+  the task's prompt (``CommonsenseTask.template`` formatted with the parsed context, e.g.
+  ``"Question: {question}\\nAnswer:"`` and continuations ``" {choice}"``). ``acc`` takes the
+  argmax of the sums; ``acc_norm`` the argmax of the sums divided by the continuation's length in
+  *characters* (the scored string, leading space included), as lm-evaluation-harness does. Ties
+  go to the first choice. The prompt is run once per example (a batch of left-padded prompts) and
+  every choice continues from its cached keys and values (``past_key_values``), so the shared
+  prompt is never recomputed. A prompt longer than ``data.max_length`` minus the longest
+  continuation loses its *first* tokens.
+- ``generate`` (causal LMs): greedy decoding of ``max_new_tokens`` after the alpaca prompt of the
+  instruction (the prompt ``data=commonsense`` trains on), then LLM-Adapters' answer extraction:
+  the first match of the task's answer words (``true|false``, ``solution1|solution2``,
+  ``answer1|...|answer5``, ``ending1|...|ending4``, ``option1|option2``; case-sensitive) in the
+  generated text; no match counts as wrong (``no_answer`` counts them).
+- ``mc_head`` (encoders): ``AutoModelForMultipleChoice`` over ``(context, continuation)`` pairs,
+  argmax over the choices (``acc``).
+
+The parsing of each task (question, choices, context, continuations) lives in
+:mod:`lorafit.data.commonsense`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import Progress
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from lorafit.config import ConfigError, EvalConfig
+from lorafit.data.commonsense import CommonsenseData, CommonsenseTask, get_commonsense_task
+from lorafit.data.tasks import alpaca_prompt
+from lorafit.evaluate import predict
+from lorafit.metrics import accuracy
+
+console = Console(stderr=True)
+
+PROTOCOL_OF_TASK = {"multiple_choice": "mc_head", "causal_lm": "loglik"}
+TASK_OF_PROTOCOL = {"mc_head": "multiple_choice", "loglik": "causal_lm", "generate": "causal_lm"}
+MAX_CONTINUATION_TOKENS = 4096
+"""``loglik`` batches hold at most this many (padded) continuation tokens, which bounds the
+``tokens × vocabulary`` logits tensor; a batch always holds at least one example."""
+
+Advance = Callable[[int], None]
+
+
+# ------------------------------------------------------------------------------------ loglik
+@dataclass
+class LoglikRequest:
+    """One example for ``loglik``: the prompt's token ids and each choice's continuation ids."""
+
+    prompt_ids: list[int]
+    continuation_ids: list[list[int]]
+    continuation_chars: list[int]
+    label: int
+
+
+def _start_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """What a sequence starts with: BOS if the tokenizer has one (as ``encode_sft`` trains)."""
+    return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+
+
+def _any_special_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    for token_id in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.cls_token_id,
+                     tokenizer.sep_token_id, tokenizer.pad_token_id):
+        if token_id is not None:
+            return token_id
+    return 0
+
+
+def encode_loglik(row: dict, tokenizer: PreTrainedTokenizerBase, max_length: int) -> LoglikRequest:
+    """Token ids of the prompt and of each continuation of a parsed row.
+
+    The continuation ids are the tail of ``tokenize(prompt + continuation)`` after the prompt's
+    ids (so a tokenizer that merges across the boundary is handled as lm-evaluation-harness
+    does); if the prompt's ids are not a prefix of it, the continuation is tokenised alone.
+    """
+    task = get_commonsense_task(row["task"])
+    context = task.template.format(context=row["context"])
+    context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+    continuations, chars = [], []
+    for text in row["continuations"]:
+        cont = (" " if context else "") + text
+        whole = tokenizer(context + cont, add_special_tokens=False)["input_ids"]
+        ids = (whole[len(context_ids):] if whole[:len(context_ids)] == context_ids
+               else tokenizer(cont, add_special_tokens=False)["input_ids"])
+        if not ids:
+            raise ConfigError(f"Commonsense file {row['file']}, row {row['idx']}, field 'instruction': the choice "
+                              f"{text!r} gives no tokens. Fix or drop the row.")
+        continuations.append(ids)
+        chars.append(len(cont))
+    prompt = _start_ids(tokenizer) + context_ids or [_any_special_id(tokenizer)]
+    keep = max(1, max_length - max(len(c) for c in continuations))
+    return LoglikRequest(prompt[-keep:], continuations, chars, int(row["label"]))
+
+
+def _forward(model: nn.Module, keep_last: bool, **inputs: Any) -> Any:
+    """``model(**inputs)``, asking for the last position's logits only when ``keep_last``."""
+    if keep_last:
+        try:
+            return model(**inputs, logits_to_keep=1)
+        except TypeError:  # an architecture without logits_to_keep
+            pass
+    return model(**inputs)
+
+
+def _token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log p(ids) under ``logits`` (``[..., V]``), in float32, without a full log-softmax copy."""
+    logits = logits.float()
+    return logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+@torch.no_grad()
+def continuation_logprobs(model: nn.Module, requests: list[LoglikRequest], pad_token_id: int,
+                          device: torch.device) -> list[list[float]]:
+    """Summed log-probability of every continuation of every request, in two forward passes.
+
+    1. The prompts, left-padded to a common length (explicit position ids, so padding changes
+       nothing), with ``use_cache``; the last position predicts each continuation's first token.
+    2. The cache is repeated once per choice (``batch_select_indices``), and all continuations
+       (right-padded, positions continuing each prompt) run on top of it; position ``t``
+       predicts token ``t + 1``.
+    """
+    n, longest = len(requests), max(len(r.prompt_ids) for r in requests)
+    prompt = torch.full((n, longest), pad_token_id, dtype=torch.long)
+    prompt_mask = torch.zeros((n, longest), dtype=torch.long)
+    for i, r in enumerate(requests):
+        prompt[i, longest - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
+        prompt_mask[i, longest - len(r.prompt_ids):] = 1
+    prompt, prompt_mask = prompt.to(device), prompt_mask.to(device)
+    positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)
+    out = _forward(model, True, input_ids=prompt, attention_mask=prompt_mask, position_ids=positions, use_cache=True)
+
+    owner = torch.tensor([i for i, r in enumerate(requests) for _ in r.continuation_ids], device=device)
+    conts = [c for r in requests for c in r.continuation_ids]
+    width = max(len(c) for c in conts)
+    cont = torch.full((len(conts), width), pad_token_id, dtype=torch.long)
+    cont_mask = torch.zeros((len(conts), width), dtype=torch.long)
+    for j, c in enumerate(conts):
+        cont[j, :len(c)] = torch.tensor(c)
+        cont_mask[j, :len(c)] = 1
+    cont, cont_mask = cont.to(device), cont_mask.to(device)
+    totals = _token_logprobs(out.logits[:, -1][owner], cont[:, 0])
+    if width > 1:
+        cache = out.past_key_values
+        if cache is None or not hasattr(cache, "batch_select_indices"):
+            raise ConfigError(f"protocol=loglik continues each choice from the prompt's key/value cache, but "
+                              f"{type(model).__name__} returned none with use_cache=True. Use protocol=generate.")
+        cache.batch_select_indices(owner)
+        mask = torch.cat([prompt_mask[owner], cont_mask[:, :-1]], dim=1)
+        steps = prompt_mask.sum(1)[owner, None] + torch.arange(width - 1, device=device)[None]
+        logits = model(input_ids=cont[:, :-1], attention_mask=mask, position_ids=steps, past_key_values=cache,
+                       use_cache=True).logits
+        totals = totals + (_token_logprobs(logits, cont[:, 1:]) * cont_mask[:, 1:]).sum(1)
+    sums = totals.tolist()
+    result, start = [], 0
+    for r in requests:
+        result.append(sums[start:start + len(r.continuation_ids)])
+        start += len(r.continuation_ids)
+    return result
+
+
+def loglik_batches(requests: list[LoglikRequest], batch_size: int,
+                   max_tokens: int = MAX_CONTINUATION_TOKENS) -> list[list[LoglikRequest]]:
+    """Consecutive groups of at most ``batch_size`` examples and ``max_tokens`` padded continuation tokens."""
+    batches: list[list[LoglikRequest]] = []
+    current: list[LoglikRequest] = []
+    for r in requests:
+        rows = sum(len(x.continuation_ids) for x in current) + len(r.continuation_ids)
+        width = max([len(c) for x in current + [r] for c in x.continuation_ids])
+        if current and (len(current) >= batch_size or rows * width > max_tokens):
+            batches.append(current)
+            current = []
+        current.append(r)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def choice_metrics(logliks: list[list[float]], lengths: list[list[int]], labels: list[int]) -> dict[str, float]:
+    """``acc``: argmax of the log-likelihoods; ``acc_norm``: argmax of log-likelihood / length.
+
+    Args:
+        logliks: per example, the summed log-probability of each choice.
+        lengths: per example, each choice's length in characters.
+        labels: per example, the index of the correct choice.
+    """
+    plain = [int(np.argmax(ll)) for ll in logliks]
+    normed = [int(np.argmax(np.asarray(ll) / np.asarray(n, dtype=float))) for ll, n in zip(logliks, lengths)]
+    return {"acc": accuracy(plain, labels), "acc_norm": accuracy(normed, labels)}
+
+
+def score_loglik(model: nn.Module, tokenizer: PreTrainedTokenizerBase, rows: list[dict], cfg: EvalConfig,
+                 device: torch.device, advance: Optional[Advance] = None) -> tuple[dict, list[dict]]:
+    """``loglik`` over parsed rows: metrics (``acc``, ``acc_norm``) and one prediction record per row."""
+    requests = [encode_loglik(row, tokenizer, cfg.data.max_length) for row in rows]
+    logliks: list[list[float]] = []
+    for batch in loglik_batches(requests, cfg.batch_size):
+        logliks += continuation_logprobs(model, batch, _pad_id(tokenizer), device)
+        if advance is not None:
+            advance(len(batch))
+    metrics = choice_metrics(logliks, [r.continuation_chars for r in requests], [r.label for r in requests])
+    records = [{"idx": row["idx"], "label": row["label"], "prediction": int(np.argmax(ll)), "loglik": ll}
+               for row, ll in zip(rows, logliks)]
+    return metrics, records
+
+
+# ---------------------------------------------------------------------------------- generate
+def extract_answer(task: CommonsenseTask, text: str) -> Optional[str]:
+    """The first of the task's answer words in ``text`` (LLM-Adapters' ``extract_answer``), or None."""
+    found = task.answer_pattern.search(text.strip())
+    return found.group(0) if found else None
+
+
+@torch.no_grad()
+def generate_texts(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_length: int,
+                   max_new_tokens: int, device: torch.device) -> list[str]:
+    """Greedy continuations of ``prompts`` (left-padded batch); only the new tokens, decoded."""
+    encoded = [(_start_ids(tokenizer) + tokenizer(p, add_special_tokens=False)["input_ids"])[-max_length:]
+               for p in prompts]
+    longest, pad = max(map(len, encoded)), _pad_id(tokenizer)
+    ids = torch.tensor([[pad] * (longest - len(e)) + e for e in encoded], device=device)
+    mask = torch.tensor([[0] * (longest - len(e)) + [1] * len(e) for e in encoded], device=device)
+    eos = tokenizer.eos_token_id
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                         num_beams=1, pad_token_id=pad, **({"eos_token_id": eos} if eos is not None else {}))
+    return tokenizer.batch_decode(out[:, longest:], skip_special_tokens=True)
+
+
+def score_generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, rows: list[dict], cfg: EvalConfig,
+                   device: torch.device, advance: Optional[Advance] = None) -> tuple[dict, list[dict]]:
+    """``generate`` over parsed rows: ``acc`` (extracted answer == ``answer``) and ``no_answer``."""
+    records = []
+    for start in range(0, len(rows), cfg.batch_size):
+        batch = rows[start:start + cfg.batch_size]
+        texts = generate_texts(model, tokenizer, [alpaca_prompt(r) for r in batch], cfg.data.max_length,
+                               cfg.max_new_tokens, device)
+        for row, text in zip(batch, texts):
+            answer = extract_answer(get_commonsense_task(row["task"]), text)
+            records.append({"idx": row["idx"], "label": row["answer"], "prediction": answer, "output": text})
+        if advance is not None:
+            advance(len(batch))
+    correct = [float(r["prediction"] == r["label"]) for r in records]
+    return ({"acc": float(np.mean(correct)), "no_answer": sum(r["prediction"] is None for r in records)}, records)
+
+
+# ----------------------------------------------------------------------------------- mc_head
+def score_mc_head(model: nn.Module, tokenizer: PreTrainedTokenizerBase, rows: list[dict], cfg: EvalConfig,
+                  device: torch.device, advance: Optional[Advance] = None) -> tuple[dict, list[dict]]:
+    """``mc_head`` over parsed rows: the multiple-choice head's argmax (``acc``)."""
+    import datasets
+
+    data = dataclasses.replace(cfg.data, objective="mc_head")
+    dataset = datasets.Dataset.from_list([data.encode(row, tokenizer) for row in rows]).with_format(None)
+    result = predict(model, dataset, "multiple_choice", cfg.batch_size, _pad_id(tokenizer), device, progress=advance)
+    records = [{"idx": row["idx"], "label": label, "prediction": pred}
+               for row, label, pred in zip(rows, result["labels"], result["predictions"])]
+    return {"acc": accuracy(result["predictions"], result["labels"])}, records
+
+
+SCORERS = {"loglik": score_loglik, "generate": score_generate, "mc_head": score_mc_head}
+
+
+# ------------------------------------------------------------------------------------ models
+def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _any_special_id(tokenizer)
+
+
+def load_for_protocol(path: str, protocol: str) -> tuple[nn.Module, PreTrainedTokenizerBase, str, str]:
+    """The model to score and the protocol (``auto`` resolved): (model, tokenizer, kind, protocol).
+
+    A run folder gives its adapted model (``multiple_choice`` runs → ``mc_head``, ``causal_lm``
+    runs → ``loglik`` or ``generate``); a plain folder is loaded with the auto class the protocol
+    needs (``auto``: ``*ForMultipleChoice`` → ``mc_head``, ``*ForCausalLM`` → ``loglik``, else by
+    whether the architecture has a multiple-choice head).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMultipleChoice, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES
+
+    from lorafit.assemble import find_adapter_dir, load_adapted
+
+    adapter_dir = find_adapter_dir(path)
+    if adapter_dir is not None:
+        assembled = load_adapted(adapter_dir)
+        task = assembled.meta["task"]
+        if task not in PROTOCOL_OF_TASK:
+            raise ConfigError(f"{path} was trained for {task} (e.g. a GLUE task), not for the commonsense suite. "
+                              f"Train with data=commonsense (a multiple-choice head or causal-LM SFT), or evaluate a "
+                              f"base or merged model folder.")
+        protocol = PROTOCOL_OF_TASK[task] if protocol == "auto" else protocol
+        if TASK_OF_PROTOCOL[protocol] != task:
+            raise ConfigError(f"protocol={protocol} needs a {TASK_OF_PROTOCOL[protocol]} model, but {path} was trained "
+                              f"as {task}. Use protocol={PROTOCOL_OF_TASK[task]}"
+                              f"{' (or generate)' if task == 'causal_lm' else ''}.")
+        return assembled.model, assembled.tokenizer, "adapter (unmerged)", protocol
+    if not (Path(path) / "config.json").is_file():
+        raise ConfigError(f"'{path}' is neither a lorafit run folder (adapter/adapter_config.json) nor a Hugging "
+                          f"Face model folder (config.json). Give a run folder, a merged folder or a base model.")
+    config = AutoConfig.from_pretrained(path)
+    architectures = config.architectures or []
+    has_mc = config.model_type in MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES
+    trained_mc = any(a.endswith("ForMultipleChoice") for a in architectures)
+    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures) or not has_mc
+    if protocol == "auto":
+        protocol = "mc_head" if trained_mc or not causal else "loglik"
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if protocol == "mc_head":
+        if not has_mc:
+            raise ConfigError(f"protocol=mc_head needs an encoder with a multiple-choice head; {path} is a "
+                              f"{config.model_type} model without one. Use protocol=loglik or protocol=generate.")
+        if not trained_mc:
+            console.print(f"[yellow]warning:[/] {path} has no trained multiple-choice head; a new random head is "
+                          f"used, so scores are near chance. Fine-tune one with `lorafit train data=commonsense`.")
+        model = AutoModelForMultipleChoice.from_pretrained(path)
+    else:
+        if not causal:
+            raise ConfigError(f"protocol={protocol} needs a causal language model; {path} is a {config.model_type} "
+                              f"encoder. Use protocol=mc_head.")
+        model = AutoModelForCausalLM.from_pretrained(path)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer, "plain", protocol
+
+
+# -------------------------------------------------------------------------------------- eval
+def evaluate_commonsense(path: str, cfg: EvalConfig) -> dict[str, dict]:
+    """``lorafit eval PATH suite=commonsense``: score each task's test file; write the results.
+
+    Returns:
+        ``{task: {"protocol", "acc", ("acc_norm" for loglik, "no_answer" for generate), "n"}}``.
+    """
+    from lorafit.report import write_results
+    from lorafit.run import make_accelerator, print_results
+
+    data = cfg.data
+    if not isinstance(data, CommonsenseData):
+        raise ConfigError(f"suite=commonsense reads data=commonsense, but data={type(data).__name__} was chosen. "
+                          f"Drop the data= override (or write data=commonsense) and set data.path=DIR.")
+    data.max_eval_examples = cfg.limit
+    tasks = [get_commonsense_task(t).name for t in cfg.tasks] if cfg.tasks else data.task_names("test")
+    rows = {task: data.rows(task) for task in tasks}  # every file is checked before the model loads
+    accelerator = make_accelerator(cfg.hardware)
+    if accelerator.num_processes > 1:
+        raise ConfigError("lorafit eval suite=commonsense runs in one process; start it without accelerate launch.")
+    model, tokenizer, kind, protocol = load_for_protocol(path, cfg.protocol)
+    model.to(accelerator.device).eval()
+    results, predictions = {}, {}
+    with Progress(console=console) as progress:
+        for task in tasks:
+            bar = progress.add_task(f"{protocol} {task}", total=len(rows[task]))
+            metrics, records = SCORERS[protocol](model, tokenizer, rows[task], cfg, accelerator.device,
+                                                 lambda n, b=bar: progress.advance(b, n))
+            results[task] = {"protocol": protocol, **metrics, "n": len(rows[task])}
+            predictions[task] = records
+    out_dir = Path(cfg.output_dir) if cfg.output_dir else Path(path)
+    write_results(out_dir, results, title=f"lorafit eval {path} ({kind}), suite=commonsense, protocol={protocol}")
+    if cfg.save_predictions:
+        with open(out_dir / "predictions.jsonl", "w") as f:
+            for task, records in predictions.items():
+                for record in records:
+                    f.write(json.dumps({"task": task, **record}) + "\n")
+    print_results(results, title=f"{path} [{kind}, {protocol}]")
+    console.print(f"results → {out_dir / 'results.json'}, {out_dir / 'results.md'}")
+    return results
