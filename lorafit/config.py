@@ -22,7 +22,10 @@ from typing import Any, Iterable, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-GROUPS = ("model", "adapter", "init", "optimizer", "data", "hardware")
+GROUPS = ("model", "adapter", "init", "optimizer", "data", "hardware", "task")
+# Nodes validated like groups when present but chosen by no group option of their own:
+# ``reward`` comes with ``task=rl`` (configs/task/rl.yaml writes it at the top level).
+OPTIONAL_NODES = ("reward",)
 GROUP_ALIASES = {"optim": "optimizer"}
 
 
@@ -84,6 +87,18 @@ class ModelConfig:
 
 
 @dataclass
+class SupervisedTask:
+    """``task=supervised`` (the default): minimise the data option's own loss (cross-entropy,
+    squared error or next-token loss); the trainer's built-in step does all the work."""
+
+    def prepare(self, cfg: Any) -> None:
+        """Refuse data that only a special task can train on (``data=preference``)."""
+        if getattr(cfg.data, "task_type", None) == "reward":
+            raise ConfigError("data=preference holds preference pairs, which train a reward model: add task=reward "
+                              "(e.g. `lorafit train task=reward data=preference data.path=FILE`).")
+
+
+@dataclass
 class HardwareConfig:
     """Where and how the loop runs (mapped onto ``accelerate.Accelerator``).
 
@@ -109,6 +124,9 @@ class TrainConfig:
     """Top-level keys of ``configs/train.yaml`` (the groups are validated by their own schema).
 
     Attributes:
+        task: what is optimised: ``supervised`` (the data's own loss), ``reward`` (a pairwise
+            reward model) or ``rl`` (a policy against a reward; ``lorafit.rlhf``).
+        reward: ``task=rl`` only: where rewards come from (``reward.run`` / ``reward.function``).
         output_dir: where the run writes everything (config, metrics, checkpoints, adapter).
         seed: seeds weights of new heads, adapter init, dropout and data order.
         max_steps: optimizer steps; if ``None``, ``num_epochs`` passes over the data.
@@ -125,6 +143,8 @@ class TrainConfig:
     optimizer: Any = None
     data: Any = None
     hardware: Any = None
+    task: Any = None
+    reward: Any = None
     output_dir: str = "runs/default"
     seed: int = 0
     max_steps: Optional[int] = None
@@ -242,6 +262,7 @@ def to_object(node: DictConfig | dict, schema: type, key: str) -> Any:
 def validate(cfg: DictConfig, top_schema: type = TrainConfig, groups: Iterable[str] = GROUPS) -> Any:
     """Validate a composed config: each group by the dataclass its ``_target_`` names, then the rest."""
     objects = {}
+    groups = [*groups, *(n for n in OPTIONAL_NODES if n not in groups and n in cfg)] if top_schema is TrainConfig else groups
     for group in groups:
         if group in cfg and cfg[group] is not None:
             objects[group] = to_object(cfg[group], schema_of(cfg[group], group), group)

@@ -2,7 +2,8 @@
 
 Tasks: ``classification`` and ``regression`` (``AutoModelForSequenceClassification``, encoders
 and decoders alike), ``multiple_choice`` (``AutoModelForMultipleChoice``, encoders; inputs
-batch × choices × seq) and ``causal_lm`` (``AutoModelForCausalLM``). The data config decides the task
+batch × choices × seq), ``causal_lm`` (``AutoModelForCausalLM``) and ``reward`` (a one-label
+sequence classifier: the scalar reward model of ``lorafit.rlhf``). The data config decides the task
 and the number of labels; the model config decides which weights.
 """
 
@@ -19,7 +20,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForMultiple
 
 from lorafit.config import ConfigError, ModelConfig
 
-TASKS = ("classification", "regression", "causal_lm", "multiple_choice")
+TASKS = ("classification", "regression", "causal_lm", "multiple_choice", "reward")
 AUTO_CLASSES = {"causal_lm": AutoModelForCausalLM, "multiple_choice": AutoModelForMultipleChoice}
 
 # Adapter targets when the user names none: the attention and MLP projections of each family.
@@ -77,7 +78,8 @@ def load_model(cfg: ModelConfig, task: str, num_labels: int = 2, seed: int = 0,
     if task not in TASKS:
         raise ConfigError(f"Unknown task {task!r}; allowed: {', '.join(TASKS)}.")
     auto_cls = AUTO_CLASSES.get(task, AutoModelForSequenceClassification)
-    extra = {} if task in AUTO_CLASSES else {"num_labels": 1 if task == "regression" else num_labels}
+    # reward (lorafit.rlhf): a sequence classifier with one label, the scalar reward.
+    extra = {} if task in AUTO_CLASSES else {"num_labels": 1 if task in ("regression", "reward") else num_labels}
     if task == "regression":
         extra["problem_type"] = "regression"
     torch.manual_seed(seed)  # new heads (and built models) get reproducible weights

@@ -49,6 +49,9 @@ def train(cfg: TrainConfig) -> dict[str, dict]:
     """Assemble the model, tokenise the data once, run the trainer; returns final eval metrics."""
     accelerator = make_accelerator(cfg.hardware)
     set_seed(cfg.seed)
+    prepare = getattr(cfg.task, "prepare", None)  # a task checks that model, data and reward fit it
+    if prepare is not None:
+        prepare(cfg)
     resolve = getattr(cfg.data, "resolve_objective", None)  # data=commonsense: MC head or SFT, by the model
     if resolve is not None:
         resolve(cfg.model)
@@ -76,7 +79,7 @@ def train(cfg: TrainConfig) -> dict[str, dict]:
         train_set = tokenize(data, "train", assembled.tokenizer, cache)
         eval_sets = {data.split_name(s): tokenize(data, s, assembled.tokenizer, cache) for s in data.eval_splits}
     trainer = Trainer(cfg, assembled, train_set, eval_sets,
-                      callbacks_of(cfg.adapter, cfg.init, cfg.optimizer), accelerator)
+                      callbacks_of(cfg.adapter, cfg.init, cfg.optimizer, cfg.task), accelerator)
     if accelerator.is_main_process:
         n_train = sum(p.numel() for p in trainer.params)
         n_all = sum(p.numel() for p in assembled.model.parameters())

@@ -315,6 +315,10 @@ class TrustRegionStep(Callback):
         self.last: dict[str, float] = {}
 
     def on_train_start(self, trainer: Any) -> None:
+        if getattr(trainer.cfg.task, "loss_sum", None) is not None:
+            raise ConfigError(f"optimizer=ctr works with supervised training only (its curvature products need the "
+                              f"model's outputs and the data's own loss), not with task={type(trainer.cfg.task).__name__}. "
+                              f"Use optimizer=adamw for reward modelling and RL.")
         for other in trainer.callbacks:
             if type(other).extra_loss is not Callback.extra_loss:
                 raise ConfigError(

@@ -112,14 +112,19 @@ class Trainer:
 
     # ----------------------------------------------------------------- one step
     def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Forward one micro-batch; its summed loss."""
+        """Forward one micro-batch; its summed loss (a ``task`` with its own ``loss_sum`` —
+        reward modelling, RL — supplies it instead: ``task.loss_sum(trainer, batch)``)."""
+        custom = getattr(self.cfg.task, "loss_sum", None)
+        if custom is not None:
+            return custom(self, batch)
         logits = forward_logits(self.model, batch)
         return task_loss(logits, batch["labels"], self.task)
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         acc = self.accelerator
         self.model.train()
-        units = sum(count_loss_units(b) for b in micro_batches)
+        count = getattr(self.cfg.task, "count_units", None) or count_loss_units
+        units = sum(count(b) for b in micro_batches)
         global_units = acc.reduce(torch.tensor(float(units), device=acc.device), "sum").item()
         scale = acc.num_processes / max(global_units, 1.0)
         # What step rules that re-evaluate the loss on the same batch (CTR's ρ) need.
@@ -191,9 +196,13 @@ class Trainer:
     def evaluate(self) -> dict[str, dict]:
         results = {}
         for name, dataset in self.eval_sets.items():
-            result = predict(self.model, dataset, self.task, self.cfg.data.eval_batch_size, self.pad_id,
-                             self.accelerator.device, self.accelerator)
-            results[name] = score(self.cfg.data, result)
+            custom = getattr(self.cfg.task, "evaluate_split", None)
+            if custom is not None:
+                results[name] = custom(self, dataset)
+            else:
+                result = predict(self.model, dataset, self.task, self.cfg.data.eval_batch_size, self.pad_id,
+                                 self.accelerator.device, self.accelerator)
+                results[name] = score(self.cfg.data, result)
             self.log({"step": self.step, "split": name, **{f"eval/{k}": v for k, v in results[name].items()}})
         for cb in self.callbacks:
             cb.on_evaluate(self, results)

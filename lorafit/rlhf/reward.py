@@ -1,0 +1,259 @@
+"""Reward modelling with an adapter (PE-RLHF, arXiv 2403.10704, Sec. 3: the reward model is a
+LoRA-adapted backbone with a scalar head, trained on human preference pairs).
+
+- ``data=preference``: sharegpt-style preference JSON (``conversations``, ``chosen``, ``rejected``)
+  or a plain ``{prompt, chosen, rejected}`` JSONL. Each pair is encoded as a two-"choice" example
+  (chosen first), so the existing collate pads it to ``(batch, 2, length)``.
+- The reward ``r(x, y)`` is the one-label sequence-classification head of the backbone
+  (``AutoModelForSequenceClassification``, ``num_labels=1``). For decoders (Llama, Mistral, Qwen)
+  that head reads the hidden state of the last non-padding token, found with the config's
+  ``pad_token_id``; for encoders it is the model's own ``[CLS]`` pooler. Using the library's head
+  unchanged is what makes the merged folder score exactly like the adapted model.
+- ``task=reward``: the pairwise loss ``-log σ(r(x, y_c) - r(x, y_r))`` (Ouyang et al. 2022, Eq. 1),
+  and on the held-out split the pairwise accuracy (fraction with ``r_c > r_r``) and mean margin.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from lorafit.config import ConfigError, check_range
+from lorafit.data.tasks import DataCommon, collate
+
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+         "system": "system", "observation": "user", "function_call": "assistant"}
+
+
+# ------------------------------------------------------------------------------------- data
+def _message(turn: Any, where: str) -> dict[str, str]:
+    """One sharegpt turn ``{from, value}`` (or ``{role, content}``) as ``{role, content}``."""
+    if isinstance(turn, dict) and "from" in turn and "value" in turn:
+        role, text = turn["from"], turn["value"]
+    elif isinstance(turn, dict) and "role" in turn and "content" in turn:
+        role, text = turn["role"], turn["content"]
+    else:
+        raise ConfigError(f"{where}: a turn must be {{\"from\": ..., \"value\": ...}} (sharegpt) or "
+                          f"{{\"role\": ..., \"content\": ...}}; got {str(turn)[:80]!r}. Fix that row of the file.")
+    if role not in ROLES:
+        raise ConfigError(f"{where}: unknown speaker {role!r}; allowed: {', '.join(ROLES)}. Fix that row of the file.")
+    return {"role": ROLES[role], "content": str(text)}
+
+
+def _response(value: Any, where: str) -> str:
+    return _message(value, where)["content"] if isinstance(value, dict) else str(value)
+
+
+def read_preferences(path: Path) -> list[dict]:
+    """Read preference pairs as ``{"messages": [{role, content}...], "chosen": str, "rejected": str}``.
+
+    Accepts a JSON list or JSONL of either sharegpt rows (``conversations`` + ``chosen`` /
+    ``rejected`` turns) or plain rows (``prompt`` + ``chosen`` / ``rejected`` strings).
+    """
+    if not path.is_file():
+        raise ConfigError(f"Preference file {path} does not exist. Point data.path at a sharegpt-style JSON "
+                          f"(conversations, chosen, rejected) or a JSONL of {{prompt, chosen, rejected}}.")
+    text = path.read_text(encoding="utf-8")
+    try:
+        rows = json.loads(text) if text.lstrip().startswith("[") else [
+            json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"Preference file {path} is not valid JSON/JSONL: {exc}.") from None
+    pairs = []
+    for i, row in enumerate(rows):
+        where = f"Preference file {path}, row {i}"
+        if not isinstance(row, dict) or "chosen" not in row or "rejected" not in row:
+            raise ConfigError(f"{where}: needs 'chosen' and 'rejected' plus 'conversations' (sharegpt) or "
+                              f"'prompt' (plain JSONL). Fix or drop that row.")
+        if "conversations" in row:
+            messages = [_message(turn, where) for turn in row["conversations"]]
+        elif "prompt" in row:
+            messages = [{"role": "user", "content": str(row["prompt"])}]
+        else:
+            raise ConfigError(f"{where}: has neither 'conversations' (sharegpt) nor 'prompt'. Add one of them.")
+        if not messages:
+            raise ConfigError(f"{where}: the conversation is empty; a pair needs a prompt. Fix or drop that row.")
+        pairs.append({"messages": messages, "chosen": _response(row["chosen"], where),
+                      "rejected": _response(row["rejected"], where)})
+    if not pairs:
+        raise ConfigError(f"Preference file {path} holds no pairs.")
+    return pairs
+
+
+def format_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[dict], response: str) -> str:
+    """The text the reward model reads: the tokenizer's chat template when it has one, else
+    ``User: ...`` / ``Assistant: ...`` lines."""
+    full = [*messages, {"role": "assistant", "content": response}]
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(full, tokenize=False)
+    names = {"user": "User", "assistant": "Assistant", "system": "System"}
+    return "\n\n".join(f"{names[m['role']]}: {m['content']}" for m in full)
+
+
+def encode_text(tokenizer: PreTrainedTokenizerBase, text: str, max_length: int) -> list[int]:
+    """Token ids of a formatted conversation (special tokens added unless a chat template wrote them)."""
+    templated = bool(getattr(tokenizer, "chat_template", None))
+    return tokenizer(text, add_special_tokens=not templated, truncation=True, max_length=max_length)["input_ids"]
+
+
+def encode_preference(row: dict, tokenizer: PreTrainedTokenizerBase, max_length: int) -> dict:
+    """A pair as a two-choice example: ``input_ids = [chosen_ids, rejected_ids]``, ``labels = 0``.
+
+    Too long? The oldest turns of the conversation are dropped first (the responses decide the
+    reward), then the text is cut on the right.
+    """
+    messages = row["messages"]
+    for start in range(len(messages)):
+        kept = messages[start:]
+        texts = [format_conversation(tokenizer, kept, row[k]) for k in ("chosen", "rejected")]
+        lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+        if max(lengths) <= max_length - 2 or start == len(messages) - 1:
+            break
+    ids = [encode_text(tokenizer, t, max_length) for t in texts]
+    return {"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids], "labels": 0}
+
+
+@dataclass
+class PreferenceData(DataCommon):
+    """``data=preference``: preference pairs for ``task=reward``.
+
+    Attributes:
+        path: sharegpt-style JSON (``conversations``, ``chosen``, ``rejected``) or JSONL of
+            ``{prompt, chosen, rejected}``.
+        eval_fraction: the last fraction of the file is held out (pairwise accuracy, margin).
+    """
+
+    path: str = ""
+    eval_fraction: float = 0.1
+    batch_size: int = 8
+    eval_batch_size: int = 16
+    max_length: int = 256
+
+    task_type = "reward"
+    num_labels = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.path:
+            raise ConfigError("data=preference needs data.path=FILE (sharegpt-style preference JSON with "
+                              "conversations/chosen/rejected, or a JSONL of {prompt, chosen, rejected}).")
+        check_range("data.eval_fraction", self.eval_fraction, 0.0, 0.5)
+
+    @property
+    def eval_splits(self) -> tuple[str, ...]:
+        return ("eval",) if self.eval_fraction > 0 else ()
+
+    def split_name(self, split: str) -> str:
+        return "preference"
+
+    def rows(self, split: str) -> list[dict]:
+        rows = read_preferences(Path(self.path))
+        n_eval = int(round(len(rows) * self.eval_fraction))
+        rows = rows[: len(rows) - n_eval] if split == "train" else rows[len(rows) - n_eval:]
+        return self.limited(rows, split)
+
+    def encode(self, row: dict, tokenizer: PreTrainedTokenizerBase) -> dict:
+        return encode_preference(row, tokenizer, self.max_length)
+
+    def metrics(self, predictions: list, labels: list) -> dict[str, float]:
+        return {}
+
+
+# ------------------------------------------------------------------------------------- model
+def sequence_rewards(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``r(x, y)`` for each row of a ``(n, length)`` batch: the one-label head's output, shape ``(n,)``."""
+    return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+
+
+def pair_rewards(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Rewards of a collated pair batch ``(b, 2, length)`` → ``(b, 2)``: column 0 chosen, 1 rejected."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    b, k, length = ids.shape
+    return sequence_rewards(model, ids.reshape(b * k, length), mask.reshape(b * k, length)).reshape(b, k)
+
+
+def pairwise_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
+    """Summed Bradley–Terry loss ``Σ -log σ(r_c - r_r)`` (Ouyang et al. 2022, Eq. 1; PE-RLHF Sec. 3)."""
+    return -F.logsigmoid(r_chosen - r_rejected).sum()
+
+
+def pairwise_metrics(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> dict[str, float]:
+    """Pairwise accuracy (``r_c > r_r``, ties count as wrong), mean margin and mean loss."""
+    margin = (r_chosen - r_rejected).double()
+    return {"pairwise_accuracy": float((margin > 0).double().mean()), "margin_mean": float(margin.mean()),
+            "loss": float(-F.logsigmoid(margin).mean()), "n": int(margin.numel())}
+
+
+def score_texts(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int,
+                batch_size: int, device: torch.device) -> torch.Tensor:
+    """Rewards of formatted conversations (``format_conversation``), in order, shape ``(n,)``."""
+    scores = []
+    for start in range(0, len(texts), batch_size):
+        ids = [encode_text(tokenizer, t, max_length) for t in texts[start:start + batch_size]]
+        batch = collate([{"input_ids": x, "attention_mask": [1] * len(x)} for x in ids], tokenizer.pad_token_id)
+        scores.append(sequence_rewards(model, batch["input_ids"].to(device), batch["attention_mask"].to(device)))
+    return torch.cat(scores)
+
+
+# ------------------------------------------------------------------------------------- task
+@dataclass
+class RewardTask:
+    """``task=reward``: train a reward model on ``data=preference`` with the pairwise loss."""
+
+    def prepare(self, cfg: Any) -> None:
+        """Refuse data that is not preference pairs."""
+        if getattr(cfg.data, "task_type", None) != "reward":
+            raise ConfigError(f"task=reward trains on preference pairs, but data={type(cfg.data).__name__} was "
+                              f"chosen. Add data=preference data.path=FILE (sharegpt-style JSON or "
+                              f"{{prompt, chosen, rejected}} JSONL).")
+
+    def count_units(self, batch: dict[str, torch.Tensor]) -> int:
+        """Loss terms of a micro-batch: one per pair."""
+        return int(batch["input_ids"].shape[0])
+
+    def loss_sum(self, trainer: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Summed pairwise loss of a micro-batch of pairs."""
+        rewards = pair_rewards(trainer.model, batch)
+        return pairwise_loss(rewards[:, 0], rewards[:, 1])
+
+    @torch.no_grad()
+    def evaluate_split(self, trainer: Any, dataset: Any) -> dict[str, float]:
+        """Pairwise accuracy, mean margin and loss on a held-out split (main-process order)."""
+        model = trainer.model
+        was_training = model.training
+        model.eval()
+        chosen, rejected = [], []
+        size = trainer.cfg.data.eval_batch_size
+        for start in range(0, len(dataset), size):
+            rows = list(dataset.select(range(start, min(start + size, len(dataset)))))
+            batch = {k: v.to(trainer.accelerator.device) for k, v in collate(rows, trainer.pad_id).items()}
+            rewards = pair_rewards(model, batch)
+            chosen.append(rewards[:, 0])
+            rejected.append(rewards[:, 1])
+        model.train(was_training)
+        return pairwise_metrics(torch.cat(chosen), torch.cat(rejected))
+
+
+def load_reward_model(run: str, device: Optional[torch.device] = None) -> Any:
+    """A trained ``task=reward`` run (its adapter, applied to its base, head included), in eval mode."""
+    from lorafit.assemble import find_adapter_dir, load_adapted
+
+    adapter_dir = find_adapter_dir(run)
+    if adapter_dir is None:
+        raise ConfigError(f"reward.run={run!r} holds no adapter (adapter/adapter_config.json). Give the folder of a "
+                          f"finished `lorafit train task=reward data=preference ...` run.")
+    assembled = load_adapted(adapter_dir)
+    if assembled.meta["task"] != "reward":
+        raise ConfigError(f"reward.run={run!r} is a {assembled.meta['task']} run, not a reward model. Train one with "
+                          f"`lorafit train task=reward data=preference data.path=FILE` and pass its folder.")
+    assembled.model.eval().requires_grad_(False)
+    if device is not None:
+        assembled.model.to(device)
+    return assembled
