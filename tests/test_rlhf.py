@@ -24,7 +24,7 @@ from lorafit.adapters.lora import LoRAConfig
 from lorafit.models import load_model
 from lorafit.rlhf.reward import (encode_preference, pairwise_loss, pairwise_metrics, read_preferences,
                                  sequence_rewards)
-from lorafit.rlhf.rl import (completion_mask, kl_k1, ppo_clip_loss, prompts_of, rloo_advantages, rloo_loss,
+from lorafit.rlhf.rl import (completion_mask, kl_k1, ppo_clip_loss, rloo_advantages, rloo_loss,
                              token_logprobs)
 from test_train import TINY, adapter_of, cli, max_diff, train, train_records
 
@@ -32,7 +32,6 @@ FIXTURES = Path(__file__).parent / "fixtures" / "rlhf"
 PAIRS = FIXTURES / "pairs.jsonl"
 SHAREGPT = FIXTURES / "sharegpt.json"
 PROMPTS = FIXTURES / "prompts.json"
-DEMO = Path(__file__).resolve().parents[2] / "shared" / "data" / "preference" / "dpo_en_demo.json"
 
 RM_ARGS = ("task=reward", "data=preference", f"data.path={PAIRS}", "data.eval_fraction=0.2", "data.batch_size=4")
 RL_ARGS = ("task=rl", "data=instruct", f"data.path={PROMPTS}", "data.eval_fraction=0", "data.batch_size=4",
@@ -169,6 +168,23 @@ def test_preference_files_in_both_formats(minilm_tokenizer) -> None:
     assert all(len(x) <= 16 for x in short["input_ids"]) and "be nice" not in minilm_tokenizer.decode(short["input_ids"][0])
 
 
+def test_a_long_prompt_is_cut_from_the_left_so_the_responses_survive(minilm_tokenizer) -> None:
+    # Cutting the text on the right would keep only the prompt: chosen and rejected identical.
+    row = {"messages": [{"role": "user", "content": "start " + "filler " * 300 + "the real question?"}],
+           "chosen": "yes indeed " * 40, "rejected": "no never " * 40}
+    enc = encode_preference(row, minilm_tokenizer, max_length=64)
+    chosen, rejected = (minilm_tokenizer.decode(x, skip_special_tokens=True) for x in enc["input_ids"])
+    assert [len(x) for x in enc["input_ids"]] == [64, 64]
+    assert enc["input_ids"][0][0] == minilm_tokenizer.cls_token_id and enc["input_ids"][0][-1] == minilm_tokenizer.sep_token_id
+    assert "the real question? assistant : yes indeed" in chosen and "start" not in chosen  # prompt: its tail
+    assert "the real question? assistant : no never" in rejected
+    assert chosen.count("yes indeed") >= 14  # the response gets half of the budget (31 tokens here)
+    short = {"messages": [{"role": "user", "content": "hi"}], "chosen": "a " * 200, "rejected": "b"}
+    enc = encode_preference(short, minilm_tokenizer, max_length=32)  # a short prompt is kept whole
+    assert minilm_tokenizer.decode(enc["input_ids"][0], skip_special_tokens=True).startswith("user : hi assistant : a a")
+    assert len(enc["input_ids"][0]) == 32 and len(enc["input_ids"][1]) < 32
+
+
 def test_a_bad_preference_row_is_named(tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n')
@@ -253,24 +269,16 @@ def test_config_errors_are_one_paragraph(args: tuple, words: list[str], tmp_path
 # ------------------------------------------------------------------------ 5. learning (slow)
 @pytest.mark.slow
 def test_rl_with_a_programmatic_reward_learns_with_bounded_kl(tmp_path: Path) -> None:
-    """The toy check of docs/rlhf.md: reward = fraction of completion tokens in a 10% id range."""
-    # initializer_range=0.5: with the default 0.02 the random lm_head gives a near-uniform next-token
-    # distribution over 30k tokens that an adapter on the backbone cannot reshape (entropy stays log V).
-    run = train(tmp_path / "toy", *TINY, "model.build.initializer_range=0.5", "task=rl", "data=instruct",
-                f"data.path={PROMPTS}", "data.eval_fraction=0", "data.batch_size=4", "task.samples_per_prompt=4",
-                "task.max_new_tokens=8", "task.kl_coef=0.01", TOY, "optimizer.lr=1e-2", "max_steps=60",
-                "model.dropout=0.0")
+    """The toy check of docs/rlhf.md (scripts/rl_toy.py): reward = fraction of completion tokens in a
+    10% id range; 4 prompts × 8 samples × 8 tokens, 100 steps."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from rl_toy import SETTING
+
+    run = train(tmp_path / "toy", *SETTING)
     rows = train_records(run)
+    assert len(rows) == 100
     start = sum(r["reward_mean"] for r in rows[:10]) / 10
-    end = sum(r["reward_mean"] for r in rows[-15:]) / 15
-    assert end > start + 0.04, (start, end)
-    assert max(r["kl"] for r in rows) < 50.0
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not DEMO.is_file(), reason="needs ../shared/data/preference/dpo_en_demo.json")
-def test_reward_model_on_the_preference_demo_beats_chance(tmp_path: Path) -> None:
-    run = train(tmp_path / "rm", "model=minilm", "task=reward", "data=preference", f"data.path={DEMO}",
-                "data.max_length=128", "data.batch_size=16", "max_steps=60", "optimizer.lr=1e-3")
-    acc = json.loads((run / "results.json").read_text())["preference"]["pairwise_accuracy"]
-    assert acc > 0.5, acc
+    end = sum(r["reward_mean"] for r in rows[-10:]) / 10
+    assert end >= 2 * start and end >= start + 0.2, (start, end)
+    assert all(math.isfinite(r["kl"]) for r in rows) and max(r["kl"] for r in rows) < 8 * 16.0  # < 16 nats/token

@@ -103,20 +103,60 @@ def encode_text(tokenizer: PreTrainedTokenizerBase, text: str, max_length: int) 
     return tokenizer(text, add_special_tokens=not templated, truncation=True, max_length=max_length)["input_ids"]
 
 
+_SLOT = "\u2063RESPONSE\u2063"  # a marker that cannot occur in the data: where the response goes
+
+
+def _special_wrap(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer puts before and after a text (``[CLS]`` / ``[SEP]``, BOS, ...)."""
+    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    for i in range(len(full) - len(bare) + 1):
+        if full[i:i + len(bare)] == bare:
+            return full[:i], full[i + len(bare):]
+    return [], []
+
+
+def encode_responses(tokenizer: PreTrainedTokenizerBase, messages: list[dict], responses: list[str],
+                     max_length: int) -> list[list[int]]:
+    """Token ids of ``format_conversation(messages, response)`` for each response, at most ``max_length``.
+
+    Too long? The *prompt* is cut from the left (its most recent tokens are kept) and the responses
+    from the right, the same prompt cut for every response, so that the responses - which are what
+    the reward compares - are never truncated away: the prompt keeps at least half of the budget
+    only when the responses do not need it. The text after the response (a chat template's
+    end-of-turn) is kept whole. (Cutting the whole text on the right made the chosen and rejected
+    encodings identical prompt prefixes for 20% of the dpo_en_demo pairs at 128 tokens.)
+    """
+    templated = bool(getattr(tokenizer, "chat_template", None))
+    before, sep, after = format_conversation(tokenizer, messages, _SLOT).partition(_SLOT)
+    if not sep:  # a template that drops the response: no way to split, cut on the right
+        return [encode_text(tokenizer, format_conversation(tokenizer, messages, r), max_length) for r in responses]
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    prompt, suffix = ids(before), ids(after)
+    bodies = [ids(r) for r in responses]
+    head, tail = ([], []) if templated else _special_wrap(tokenizer)
+    special = len(head) + len(tail)
+    budget = max(max_length - special - len(suffix), 2)
+    longest = max((len(b) for b in bodies), default=0)
+    keep_prompt = len(prompt) if len(prompt) + longest <= budget else max(budget - longest, min(len(prompt), budget // 2))
+    prompt = prompt[len(prompt) - keep_prompt:]
+    out = []
+    for body in bodies:
+        seq = prompt + body[: budget - keep_prompt] + suffix
+        out.append(head + seq + tail)
+    return out
+
+
 def encode_preference(row: dict, tokenizer: PreTrainedTokenizerBase, max_length: int) -> dict:
     """A pair as a two-choice example: ``input_ids = [chosen_ids, rejected_ids]``, ``labels = 0``.
 
-    Too long? The oldest turns of the conversation are dropped first (the responses decide the
-    reward), then the text is cut on the right.
+    Too long? The prompt is cut from the left, the responses from the right
+    (:func:`encode_responses`), so the two encodings always differ where the responses do.
     """
-    messages = row["messages"]
-    for start in range(len(messages)):
-        kept = messages[start:]
-        texts = [format_conversation(tokenizer, kept, row[k]) for k in ("chosen", "rejected")]
-        lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
-        if max(lengths) <= max_length - 2 or start == len(messages) - 1:
-            break
-    ids = [encode_text(tokenizer, t, max_length) for t in texts]
+    ids = encode_responses(tokenizer, row["messages"], [row["chosen"], row["rejected"]], max_length)
     return {"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids], "labels": 0}
 
 
@@ -194,9 +234,15 @@ def pairwise_metrics(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> dict[s
 def score_texts(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int,
                 batch_size: int, device: torch.device) -> torch.Tensor:
     """Rewards of formatted conversations (``format_conversation``), in order, shape ``(n,)``."""
+    return score_ids(model, tokenizer, [encode_text(tokenizer, t, max_length) for t in texts], batch_size, device)
+
+
+def score_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase, encoded: list[list[int]], batch_size: int,
+              device: torch.device) -> torch.Tensor:
+    """Rewards of encoded conversations (:func:`encode_responses`), in order, shape ``(n,)``."""
     scores = []
-    for start in range(0, len(texts), batch_size):
-        ids = [encode_text(tokenizer, t, max_length) for t in texts[start:start + batch_size]]
+    for start in range(0, len(encoded), batch_size):
+        ids = encoded[start:start + batch_size]
         batch = collate([{"input_ids": x, "attention_mask": [1] * len(x)} for x in ids], tokenizer.pad_token_id)
         scores.append(sequence_rewards(model, batch["input_ids"].to(device), batch["attention_mask"].to(device)))
     return torch.cat(scores)

@@ -193,15 +193,16 @@ class RewardConfig:
         if not self.run:
             raise ConfigError("task=rl needs a reward: reward.run=RM_RUN (a `lorafit train task=reward` run) or "
                               "reward.function=package.module:function (a programmatic reward).")
-        from lorafit.rlhf.reward import format_conversation, load_reward_model, score_texts
+        from lorafit.rlhf.reward import encode_responses, load_reward_model, score_ids
 
         assembled = load_reward_model(self.run, device)
 
         def reward_model(prompts: list[str], completions: list[str], completion_ids: list[list[int]]) -> torch.Tensor:
-            texts = [format_conversation(assembled.tokenizer, [{"role": "user", "content": p}], c)
-                     for p, c in zip(prompts, completions)]
+            # encoded as in training: prompt cut from the left, completion from the right
+            ids = [encode_responses(assembled.tokenizer, [{"role": "user", "content": p}], [c], max_length)[0]
+                   for p, c in zip(prompts, completions)]
             with torch.no_grad():
-                return score_texts(assembled.model, assembled.tokenizer, texts, max_length, self.batch_size, device)
+                return score_ids(assembled.model, assembled.tokenizer, ids, self.batch_size, device)
 
         return reward_model
 
