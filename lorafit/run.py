@@ -49,12 +49,12 @@ def train(cfg: TrainConfig) -> dict[str, dict]:
     """Assemble the model, tokenise the data once, run the trainer; returns final eval metrics."""
     accelerator = make_accelerator(cfg.hardware)
     set_seed(cfg.seed)
-    prepare = getattr(cfg.task, "prepare", None)  # a task checks that model, data and reward fit it
-    if prepare is not None:
-        prepare(cfg)
     resolve = getattr(cfg.data, "resolve_objective", None)  # data=commonsense: MC head or SFT, by the model
     if resolve is not None:
         resolve(cfg.model)
+    prepare = getattr(cfg.task, "prepare", None)  # a task checks that model, data and reward fit it
+    if prepare is not None:
+        prepare(cfg)
     run_dir = Path(cfg.output_dir)
     found = latest_checkpoint(run_dir)
     if found is not None and not cfg.resume:
