@@ -20,8 +20,6 @@ touches the network. What is checked:
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 from pathlib import Path
@@ -36,6 +34,7 @@ from lorafit.config import ConfigError
 from lorafit.data.commonsense import (COMMONSENSE_TASKS, encode_choices, get_commonsense_task, read_commonsense)
 from lorafit.data.tasks import collate
 from lorafit.evaluate import forward_logits, task_loss
+from test_train import cli
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
@@ -72,20 +71,6 @@ EXPECTED_ROWS = {
                         ["makes its own light", "is on fire", "is very close to Mars",
                          "reflects light from the sun"], 3),
 }
-
-
-def cli(*argv: str) -> tuple[Optional[int], str]:
-    """Run ``lorafit.cli.main`` in-process; (exit code, all output with line wrapping undone)."""
-    from lorafit.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    code: Optional[int] = None
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main(list(argv))
-        except SystemExit as exc:
-            code = exc.code
-    return code, " ".join((out.getvalue() + "\n" + err.getvalue()).split())
 
 
 def results_of(folder: Path) -> dict:

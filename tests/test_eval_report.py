@@ -8,14 +8,13 @@ scores. The metric functions themselves are checked by hand in tests/test_glue.p
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 from pathlib import Path
 from typing import Optional
 
 import pytest
+from test_train import cli
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
@@ -28,19 +27,6 @@ EXPECTED = {
     "mnli_mismatched": ({"accuracy"}, 7), "qnli": ({"accuracy"}, 6), "rte": ({"accuracy"}, 5),
     "wnli": ({"accuracy"}, 5),
 }
-
-
-def cli(*argv: str) -> tuple[Optional[int], str]:
-    from lorafit.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    code: Optional[int] = None
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main(list(argv))
-        except SystemExit as exc:
-            code = exc.code
-    return code, " ".join((out.getvalue() + "\n" + err.getvalue()).split())
 
 
 @pytest.fixture(scope="module")
