@@ -1,7 +1,7 @@
 """The configuration schema and the friendly errors around it.
 
-Hydra composes ``configs/train.yaml`` from six groups (model, adapter, init, optimizer, data,
-hardware). Every option file of a group names its schema with ``_target_``: a dataclass that lives
+Hydra composes ``configs/train.yaml`` from seven groups (model, adapter, init, optimizer, data,
+hardware, task). Every option file of a group names its schema with ``_target_``: a dataclass that lives
 next to the code it configures (``adapter/lora.yaml`` -> ``lorafit.adapters.lora.LoRAConfig``).
 :func:`validate` merges each group node into its dataclass, so an unknown key or a wrongly typed
 value is caught before anything runs, and ``__post_init__`` checks value ranges. The dataclasses
