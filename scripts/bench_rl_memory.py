@@ -14,7 +14,6 @@ on a GPU, ``torch.cuda.max_memory_allocated``.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import resource
 import subprocess

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -129,14 +129,10 @@ class Precondition(Callback):
 
     def __init__(self, warmup: int) -> None:
         self.warmup = warmup
-        self.layers: Optional[list[LoRALinear]] = None
-
-    def on_train_start(self, trainer: Any) -> None:
-        self.layers = lora_layers(trainer.unwrapped())
 
     def before_optimizer_step(self, trainer: Any) -> None:
         if trainer.step >= self.warmup:
-            precondition_(self.layers if self.layers is not None else lora_layers(trainer.unwrapped()))
+            precondition_(lora_layers(trainer.unwrapped()))
 
 
 class Balance(Callback):
@@ -144,10 +140,8 @@ class Balance(Callback):
 
     def __init__(self, warmup: int) -> None:
         self.warmup = warmup
-        self.layers: Optional[list[LoRALinear]] = None
 
     def on_train_start(self, trainer: Any) -> None:
-        self.layers = lora_layers(trainer.unwrapped())
         if self.warmup == 0 and trainer.step == 0:   # a resumed run was balanced before its checkpoint
             self._balance(trainer)
 
@@ -157,7 +151,7 @@ class Balance(Callback):
 
     def _balance(self, trainer: Any) -> None:
         optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)   # accelerate's wrapper
-        balance_(self.layers if self.layers is not None else lora_layers(trainer.unwrapped()), optimizer.state)
+        balance_(lora_layers(trainer.unwrapped()), optimizer.state)
 
 
 # ----------------------------------------------------------------------------- configs
