@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -76,7 +77,8 @@ def test_recompute_keeps_no_output_sized_tensor() -> None:
         shapes = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
             layer(x)
-        assert shapes.count((3, 5, 40)) == expected, shapes
+        outputs = [shape for shape in shapes if shape[-1] == 40 and math.prod(shape) == 3 * 5 * 40]
+        assert len(outputs) == expected, shapes
 
 
 def test_merge_unmerge_roundtrip(layer: DoRALinear) -> None:

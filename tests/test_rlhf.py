@@ -284,3 +284,22 @@ def test_rl_with_a_programmatic_reward_learns_with_bounded_kl(tmp_path: Path) ->
     kls = [r["kl"] for r in rows]
     assert all(math.isfinite(v) for v in kls) and max(kls) < 8 * 2.0, max(kls)  # < 2 nats/token; measured 9.7
     assert sum(r["entropy"] for r in rows[-10:]) / 10 > 2.5                     # no collapse; measured 3.55
+
+
+def test_rm_folds_hold_out_every_pair_exactly_once(tmp_path: Path) -> None:
+    """scripts/rm_folds.py: fold i's file ends with the i-th block, which `data.eval_fraction` holds out."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from rm_folds import write_rotated
+
+    from lorafit.rlhf.reward import PreferenceData
+
+    rows = [{"prompt": f"q{i}", "chosen": "a", "rejected": "b"} for i in range(23)]
+    held, trained = [], []
+    for fold in range(5):
+        path, n_held = write_rotated(rows, fold, 5, tmp_path / f"fold{fold}.json")
+        data = PreferenceData(path=str(path), eval_fraction=n_held / len(rows))
+        held.append([r["messages"][-1]["content"] for r in data.rows("eval")])
+        trained.append({r["messages"][-1]["content"] for r in data.rows("train")})
+        assert not trained[-1] & set(held[-1]) and len(trained[-1]) + len(held[-1]) == 23
+    assert sorted(q for fold in held for q in fold) == sorted(f"q{i}" for i in range(23))

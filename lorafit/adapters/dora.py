@@ -95,12 +95,19 @@ class DoRALinear(LoRALinear):
             return self.original_output(x)
         if self.merged:
             return self.base(x)
-        h = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A) * self.scaling
-        pre = F.linear(x, self.base.weight) + F.linear(h, self.lora_B).to(x.dtype)  # W0 x + s B A x
+        x2 = x.reshape(-1, x.shape[-1])                                   # (tokens, in)
+        h = F.linear(self.dropout(x2).to(self.lora_A.dtype), self.lora_A) * self.scaling
+        pre = F.linear(x2, self.base.weight)
+        if pre.dtype == h.dtype:
+            pre.addmm_(h, self.lora_B.T)            # W0 x + s B A x, the sum done inside the product
+        else:
+            pre = pre + F.linear(h, self.lora_B).to(pre.dtype)
         if self.recompute:
-            return ScaleRowsRecomputed.apply(pre, self.magnitude, self.row_norm(), self.base.bias,
-                                             x, h, self.base.weight, self.lora_B)
-        return ScaleRows.apply(pre, self.magnitude, self.row_norm(), self.base.bias)
+            y = ScaleRowsRecomputed.apply(pre, self.magnitude, self.row_norm(), self.base.bias,
+                                          x2, h, self.base.weight, self.lora_B)
+        else:
+            y = ScaleRows.apply(pre, self.magnitude, self.row_norm(), self.base.bias)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -132,9 +139,8 @@ class ScaleRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, pre: torch.Tensor, m: torch.Tensor, n: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        y = pre * (m / n).to(pre.dtype)
-        if bias is not None:
-            y = y + bias.to(y.dtype)
+        scale = (m / n).to(pre.dtype)
+        y = pre * scale if bias is None else torch.addcmul(bias.to(pre.dtype), pre, scale)
         ctx.save_for_backward(y, m, n, bias)
         return y
 
@@ -144,8 +150,11 @@ class ScaleRows(torch.autograd.Function):
         grad_pre = grad * (m / n).to(grad.dtype)
         grad_m = None
         if ctx.needs_input_grad[1]:
-            unscaled = y.to(m.dtype) if bias is None else y.to(m.dtype) - bias.to(m.dtype)   # = (m/n) ⊙ pre
-            grad_m = (grad.to(m.dtype) * unscaled).reshape(-1, y.shape[-1]).sum(0) / m
+            g, out = grad.reshape(-1, y.shape[-1]).to(m.dtype), y.reshape(-1, y.shape[-1]).to(m.dtype)
+            grad_m = (g * out).sum(0)                          # Σ g ⊙ y, then − b ⊙ Σ g: Σ g ⊙ (m/n) ⊙ pre
+            if bias is not None:
+                grad_m = grad_m - g.sum(0) * bias.to(m.dtype)
+            grad_m = grad_m / m
         return grad_pre, grad_m, None, None
 
 
