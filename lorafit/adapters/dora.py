@@ -127,6 +127,12 @@ class DoRALinear(LoRALinear):
             self.w0_norm_sq = torch.zeros(0, device=self.magnitude.device)
 
 
+def scale_rows(pre: torch.Tensor, m: torch.Tensor, n: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``(m / n) ⊙ pre + b`` in one pass (``addcmul``)."""
+    scale = (m / n).to(pre.dtype)
+    return pre * scale if bias is None else torch.addcmul(bias.to(pre.dtype), pre, scale)
+
+
 class ScaleRows(torch.autograd.Function):
     """``y = (m / n) ⊙ pre + b`` whose backward keeps the *output* y, not ``pre``.
 
@@ -139,8 +145,7 @@ class ScaleRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, pre: torch.Tensor, m: torch.Tensor, n: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        scale = (m / n).to(pre.dtype)
-        y = pre * scale if bias is None else torch.addcmul(bias.to(pre.dtype), pre, scale)
+        y = scale_rows(pre, m, n, bias)
         ctx.save_for_backward(y, m, n, bias)
         return y
 
@@ -169,11 +174,8 @@ class ScaleRowsRecomputed(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pre: torch.Tensor, m: torch.Tensor, n: torch.Tensor, bias: torch.Tensor | None,
                 x: torch.Tensor, h: torch.Tensor, w0: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-        y = pre * (m / n).to(pre.dtype)
-        if bias is not None:
-            y = y + bias.to(y.dtype)
         ctx.save_for_backward(m, n, x, h, w0, B)
-        return y
+        return scale_rows(pre, m, n, bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
