@@ -12,7 +12,7 @@ Every variant trains the same model on the same batch with the same targets, hea
 dtype; only the adapter differs. Hyper-parameters are lorafit's defaults, read from
 ``configs/adapter/<method>.yaml`` (``defaults:`` chains followed); a PEFT variant takes the
 values of the lorafit method of the same name: LoRA/DoRA/rsLoRA/RoSA/LoRA-Dash r=8 α=16,
-AdaLoRA init_r=12 target_r=8 α=16 β1=β2=0.85 orth_reg 0.5 ΔT=1, Bone/Bat r=64, Spectral r=8.
+AdaLoRA init_r=12 target_r=8 α=16 β1=β2=0.85 orth_reg 0.5 ΔT=1, Bone/Bat r=64, Spectral-A r=8, Spectral-R r=128.
 A *training step* is::
 
     forward -> cross-entropy loss -> backward -> optimizer.step() -> optimizer.zero_grad()
