@@ -40,7 +40,11 @@ def write_rotated(rows: list, fold: int, folds: int, out: Path) -> tuple[Path, i
     n = len(rows)
     lo, hi = n * fold // folds, n * (fold + 1) // folds
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows[:lo] + rows[hi:] + rows[lo:hi]))
+    rotated = rows[:lo] + rows[hi:] + rows[lo:hi]
+    if out.suffix == ".jsonl":   # keep the input's format: PreferenceData reads .jsonl line by line
+        out.write_text("".join(json.dumps(row) + "\n" for row in rotated))
+    else:
+        out.write_text(json.dumps(rotated))
     return out, hi - lo
 
 

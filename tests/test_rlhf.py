@@ -286,7 +286,8 @@ def test_rl_with_a_programmatic_reward_learns_with_bounded_kl(tmp_path: Path) ->
     assert sum(r["entropy"] for r in rows[-10:]) / 10 > 2.5                     # no collapse; measured 3.55
 
 
-def test_rm_folds_hold_out_every_pair_exactly_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_rm_folds_hold_out_every_pair_exactly_once(tmp_path: Path, suffix: str) -> None:
     """scripts/rm_folds.py: fold i's file ends with the i-th block, which `data.eval_fraction` holds out."""
     import sys
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -297,7 +298,7 @@ def test_rm_folds_hold_out_every_pair_exactly_once(tmp_path: Path) -> None:
     rows = [{"prompt": f"q{i}", "chosen": "a", "rejected": "b"} for i in range(23)]
     held, trained = [], []
     for fold in range(5):
-        path, n_held = write_rotated(rows, fold, 5, tmp_path / f"fold{fold}.json")
+        path, n_held = write_rotated(rows, fold, 5, tmp_path / f"fold{fold}{suffix}")
         data = PreferenceData(path=str(path), eval_fraction=n_held / len(rows))
         held.append([r["messages"][-1]["content"] for r in data.rows("eval")])
         trained.append({r["messages"][-1]["content"] for r in data.rows("train")})
