@@ -2,8 +2,8 @@
 """Benchmark one training step of many adapter variants side by side: lorafit's methods and PEFT's.
 
 A *variant* is ``SIDE:METHOD``. lorafit methods: lora, rslora, dora, adalora, bone, bat, rosa,
-spectral_a, spectral_r, lora_dash, and dora_recompute (DoRA with ``recompute: true``; only when
-named in ``--variants``). PEFT methods: lora, dora (``LoraConfig(use_dora=True)``),
+spectral_a, spectral_r, lora_dash, and dora_recompute / dora_keep (DoRA with ``recompute: true`` /
+``false``; the default is ``auto``; only when named in ``--variants``). PEFT methods: lora, dora (``LoraConfig(use_dora=True)``),
 adalora (``AdaLoraConfig``), bone (``MissConfig``, default init), bat
 (``MissConfig(init_weights="bat")``). Default: all ten lorafit methods, then the five PEFT ones;
 ``--variants`` picks a subset (``--variants lorafit:dora peft:dora lorafit:lora``).
@@ -111,9 +111,9 @@ from types import SimpleNamespace
 
 SIDES = ("lorafit", "peft")
 LORAFIT_METHODS = ("lora", "rslora", "dora", "adalora", "bone", "bat", "rosa", "spectral_a", "spectral_r",
-                   "lora_dash", "dora_recompute")
+                   "lora_dash", "dora_recompute", "dora_keep")
 # lorafit variants that are a method's YAML with keys changed (not in the default run)
-LORAFIT_VARIANTS = {"dora_recompute": ("dora", {"recompute": True})}
+LORAFIT_VARIANTS = {"dora_recompute": ("dora", {"recompute": "true"}), "dora_keep": ("dora", {"recompute": "false"})}
 PEFT_METHODS = ("lora", "dora", "adalora", "bone", "bat")
 DEFAULT_VARIANTS = tuple([f"lorafit:{m}" for m in LORAFIT_METHODS if m not in LORAFIT_VARIANTS]
                          + [f"peft:{m}" for m in PEFT_METHODS])

@@ -189,7 +189,7 @@ def test_products_split_over_micro_batches_add_up(tiny_problem) -> None:
 def test_gauss_newton_through_dora_and_attention_matches_the_explicit_jacobian(minilm_cfg: ModelConfig) -> None:
     """MiniLM + DoRA in float64, 2 examples × 2 logits: J built row by row with plain vjps, the
     softmax Hessian written by hand (``(diag(p) − p pᵀ)/N`` per example), G v = Jᵀ H_L J v —
-    against the operator's double-vjp products through DoRA's ScaleRows and attention."""
+    against the operator's double-vjp products through DoRA's DoRAProduct and attention."""
     from lorafit.adapters.dora import DoRAConfig
     from lorafit.assemble import assemble
 

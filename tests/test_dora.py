@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from lorafit.adapters import adapters_disabled, fold_into_base
-from lorafit.adapters.dora import DoRAConfig, DoRALinear
+from lorafit.adapters.dora import DoRAConfig, DoRALinear, DoRAProduct
 from lorafit.assemble import assemble
+from lorafit.config import ConfigError
 
 
 def _randomise(layer: DoRALinear, seed: int) -> None:
@@ -69,16 +70,41 @@ def test_norm_is_detached_in_the_gradient(layer: DoRALinear, recompute: bool) ->
 
 
 def test_recompute_keeps_no_output_sized_tensor() -> None:
-    """``adapter.recompute=true`` saves nothing of the layer's output size for the backward pass
-    (out=40 is neither the input width 24 nor the rank 4, so any (…, 40) tensor kept is an output)."""
-    for recompute, expected in ((False, 1), (True, 0)):
-        layer = DoRAConfig(r=4, alpha=8, recompute=recompute).wrap(nn.Linear(24, 40))
-        x = torch.randn(3, 5, 24, requires_grad=True)
-        shapes = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
-            layer(x)
-        outputs = [shape for shape in shapes if shape[-1] == 40 and math.prod(shape) == 3 * 5 * 40]
-        assert len(outputs) == expected, shapes
+    """``adapter.recompute=true`` keeps no tensor of the layer's output size for the backward pass,
+    ``false`` keeps the output itself, ``auto`` recomputes in square layers only: every saved tensor
+    of shape (tokens, 40) that is not the input x must be the output y."""
+    cases = (("false", 24, 1), ("true", 24, 0), ("auto", 24, 1), ("auto", 40, 0))
+    for recompute, in_features, expected in cases:
+        layer = DoRAConfig(r=4, alpha=8, recompute=recompute).wrap(nn.Linear(in_features, 40))
+        x = torch.randn(3, 5, in_features, requires_grad=True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = layer(x)
+        kept = [t for t in saved if t.shape == (15, 40) and t.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()]
+        assert len(kept) == expected, (recompute, in_features, [tuple(t.shape) for t in saved])
+        assert all(t.untyped_storage().data_ptr() == y.untyped_storage().data_ptr() for t in kept)
+
+
+def test_recompute_option_values() -> None:
+    assert DoRAConfig(recompute=True).recompute == "true"          # a YAML boolean is accepted
+    assert DoRAConfig(recompute="False").recompute == "false"
+    with pytest.raises(ConfigError, match="adapter.recompute"):
+        DoRAConfig(recompute="sometimes")
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_product_gradients_pass_gradcheck_and_gradgradcheck(recompute: bool) -> None:
+    """DoRAProduct's hand-written backward (x, h, B, m, W0 and b all with gradients) against finite
+    differences in float64, and its double backward (CTR's curvature products) likewise."""
+    gen = torch.Generator().manual_seed(0)
+    def arg(*shape: int, low: float = 0.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) + low).requires_grad_(True)
+    x, h, B, w0, bias = arg(6, 5), arg(6, 3), arg(4, 3), arg(4, 5), arg(4)
+    m = (torch.rand(4, generator=gen, dtype=torch.float64) + 0.5).requires_grad_(True)
+    n = torch.rand(4, generator=gen, dtype=torch.float64) + 0.5
+    fn = lambda x, h, B, m, w0, bias: DoRAProduct.apply(x, h, B, m, n, w0, bias, recompute)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, h, B, m, w0, bias))
+    assert torch.autograd.gradgradcheck(fn, (x, h, B, m, w0, bias))
 
 
 def test_merge_unmerge_roundtrip(layer: DoRALinear) -> None:
@@ -132,3 +158,32 @@ def test_parity_with_peft_dora(minilm_cfg) -> None:
             module.lora_magnitude_vector["default"].weight.copy_(layer.magnitude)
     ids = torch.randint(5, 1000, (3, 11))
     assert torch.allclose(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("recompute", ["true", "false"])
+@pytest.mark.parametrize("precision", ["autocast", "bf16_base"])
+def test_half_precision_matches_float32(recompute: str, precision: str) -> None:
+    """Under bf16 autocast (``hardware.mixed_precision=bf16``) and on a bf16 base
+    (``model.dtype=bfloat16``) the output and every gradient agree with fp32 to bf16 accuracy."""
+    torch.manual_seed(0)
+    layer = DoRAConfig(r=4, alpha=8, recompute=recompute).wrap(nn.Linear(24, 24))
+    _randomise(layer, 0)
+    x = torch.randn(2, 5, 24, requires_grad=True)
+    reference = layer(x)
+    reference.pow(2).sum().backward()
+    expected = {name: p.grad.clone() for name, p in layer.named_parameters()} | {"x": x.grad.clone()}
+    layer.zero_grad()
+    x.grad = None
+    if precision == "autocast":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+    else:
+        layer.base.to(torch.bfloat16)
+        layer.w0_norm_sq = torch.zeros(0)
+        y = layer(x.to(torch.bfloat16))
+    assert y.dtype == torch.bfloat16
+    y.float().pow(2).sum().backward()
+    assert torch.allclose(y.float(), reference, rtol=2e-2, atol=2e-2)
+    got = {name: p.grad for name, p in layer.named_parameters()} | {"x": x.grad}
+    for name, grad in expected.items():
+        assert (got[name].float() - grad).norm() <= 2e-2 * grad.norm(), name

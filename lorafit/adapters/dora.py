@@ -13,12 +13,22 @@ The row norm is computed without materialising the out×in matrix ``B A`` (metho
 which costs O(r·in·out) flops and O(r·out) memory; ``‖W0_i‖²`` is cached (W0 is frozen). The
 norm is detached, as the paper prescribes, so no graph is kept for it.
 
-The magnitude gradient ``∂L/∂m_i = Σ_tokens g_i · pre_i / n_i`` needs an output-sized tensor per
-layer. By default the final row scaling (:class:`ScaleRows`) keeps the layer's output y (often kept
-by the next operation anyway). With ``adapter.recompute=true`` (:class:`ScaleRowsRecomputed`) it
-keeps nothing of that size and recomputes ``pre = W0 x + s·B A x`` in the backward pass from x and
-``s·A x``, which autograd keeps for the factors' gradients anyway: about LoRA's memory for one more
-``tokens × in × out`` matrix product per layer (docs/benchmarks.md measures both).
+The row scale is folded into the weights rather than applied to the output (:class:`DoRAProduct`):
+``y = (c ⊙ W0) x + (c ⊙ B) h + b`` with ``c = m / n`` and ``h = s·A x`` costs an out×in and an out×r
+scaling instead of passes over the tokens × out activation, in both the forward and the backward pass.
+
+The magnitude gradient ``∂L/∂m_i = Σ_tokens g_i · pre_i / n_i`` (``pre = W0 x + s·B A x``) needs an
+output-sized tensor per layer, kept or recomputed; ``adapter.recompute`` chooses per layer:
+
+* keep: the layer's output y is kept, and ``pre / n = (y − b) / m``. Free where the next operation
+  keeps y anyway (an MLP's activation); one output-sized tensor elsewhere.
+* recompute: nothing output-sized is kept; ``Σ_t g_i pre_i = Σ_j W0_ij (gᵀx)_ij + Σ_k B_ik (gᵀh)_ik``
+  from x and h (kept for the factors' gradients anyway): one ``tokens × in × out`` product.
+
+``recompute: auto`` (the default) recomputes the square layers (in = out: the attention
+projections of BERT and Llama), whose product is the cheapest per value not kept, and keeps the rest: the
+wide MLP outputs are kept by their activation anyway, and the down projections' product
+(in = 4·hidden) costs the most. ``true`` / ``false`` recompute in every layer / none.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorafit.adapters.lora import LoRAConfig, LoRALinear
+from lorafit.config import check_choice
 
 
 @dataclass
@@ -38,14 +49,28 @@ class DoRAConfig(LoRAConfig):
     trainable magnitude vector per adapted layer.
 
     Attributes:
-        recompute: recompute ``W0 x`` in the backward pass instead of keeping each layer's output
-            for the magnitude gradient: less memory, one more matrix product per layer. Default: false.
+        recompute: where the backward pass recomputes ``W0 x`` for the magnitude gradient instead
+            of keeping the layer's output: ``auto`` (square layers, in = out), ``true`` (every
+            layer: LoRA's memory, one more matrix product per layer) or ``false`` (none: fastest).
+            Default: auto.
     """
 
-    recompute: bool = False
+    recompute: str = "auto"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.recompute = {"true": "true", "false": "false", "auto": "auto"}.get(str(self.recompute).lower(), self.recompute)
+        check_choice("adapter.recompute", self.recompute, ("auto", "true", "false"))
+
+    def recomputes(self, layer: nn.Linear) -> bool:
+        """Whether ``layer`` recomputes W0 x in the backward pass (see the module docstring)."""
+        if self.recompute == "auto":
+            return layer.in_features == layer.out_features
+        return self.recompute == "true"
 
     def wrap(self, layer: nn.Linear) -> "DoRALinear":
-        return DoRALinear(layer, r=self.r, scaling=self.scaling, dropout=self.dropout, recompute=self.recompute)
+        return DoRALinear(layer, r=self.r, scaling=self.scaling, dropout=self.dropout,
+                          recompute=self.recomputes(layer))
 
 
 class DoRALinear(LoRALinear):
@@ -97,16 +122,8 @@ class DoRALinear(LoRALinear):
             return self.base(x)
         x2 = x.reshape(-1, x.shape[-1])                                   # (tokens, in)
         h = F.linear(self.dropout(x2).to(self.lora_A.dtype), self.lora_A) * self.scaling
-        pre = F.linear(x2, self.base.weight)
-        if pre.dtype == h.dtype:
-            pre.addmm_(h, self.lora_B.T)            # W0 x + s B A x, the sum done inside the product
-        else:
-            pre = pre + F.linear(h, self.lora_B).to(pre.dtype)
-        if self.recompute:
-            y = ScaleRowsRecomputed.apply(pre, self.magnitude, self.row_norm(), self.base.bias,
-                                          x2, h, self.base.weight, self.lora_B)
-        else:
-            y = ScaleRows.apply(pre, self.magnitude, self.row_norm(), self.base.bias)
+        y = DoRAProduct.apply(x2, h, self.lora_B, self.magnitude, self.row_norm(), self.base.weight,
+                              self.base.bias, self.recompute)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @torch.no_grad()
@@ -127,62 +144,58 @@ class DoRALinear(LoRALinear):
             self.w0_norm_sq = torch.zeros(0, device=self.magnitude.device)
 
 
-def scale_rows(pre: torch.Tensor, m: torch.Tensor, n: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``(m / n) ⊙ pre + b`` in one pass (``addcmul``)."""
-    scale = (m / n).to(pre.dtype)
-    return pre * scale if bias is None else torch.addcmul(bias.to(pre.dtype), pre, scale)
+class DoRAProduct(torch.autograd.Function):
+    """``y = (c ⊙ W0) x + (c ⊙ B) h + b`` with ``c = m / n``: DoRA's output for ``h = s·A x``.
 
-
-class ScaleRows(torch.autograd.Function):
-    """``y = (m / n) ⊙ pre + b`` whose backward keeps the *output* y, not ``pre``.
-
-    Plain autograd would save ``pre`` (an activation the size of the layer's output) to form
-    ∂L/∂m. Since ``pre / n = (y − b) / m``, the gradient ``∂L/∂m = Σ_tokens g ⊙ (y − b) / m`` needs
-    only y — and y is usually saved by the next operation anyway (attention matmuls, activations),
-    so it costs no memory of its own there. n is the detached row norm (no gradient). m must not
-    have exact zeros (it starts at the row norms of W0).
+    Inputs with a gradient: x (tokens × in), h (tokens × r), B, m, and W0 and b when they require
+    it (LoRA-GA's gradient of W0; a trained bias); n is the detached row norm. The backward pass
+    uses the scaled weights too, so no pass over a tokens × out tensor is needed except the
+    magnitude's ``Σ_tokens g ⊙ (y − b)`` when y is kept; with ``recompute`` it uses ``Σ_j W0_ij (gᵀx)_ij + Σ_k B_ik (gᵀh)_ik`` instead. The
+    backward is made of differentiable operations, so double backward (CTR's curvature
+    products) works. m must not have exact zeros when y is kept (it starts at W0's row norms).
     """
 
     @staticmethod
-    def forward(ctx, pre: torch.Tensor, m: torch.Tensor, n: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        y = scale_rows(pre, m, n, bias)
-        ctx.save_for_backward(y, m, n, bias)
+    def forward(ctx, x: torch.Tensor, h: torch.Tensor, B: torch.Tensor, m: torch.Tensor, n: torch.Tensor,
+                w0: torch.Tensor, bias: torch.Tensor | None, recompute: bool) -> torch.Tensor:
+        c = (m / n).unsqueeze(1)
+        y = F.linear(x, (w0.to(c.dtype) * c).to(w0.dtype), bias)     # under autocast: its dtype
+        if y.dtype == h.dtype:
+            y.addmm_(h, (B * c).T.to(h.dtype))
+        else:                                                        # half-precision base, fp32 adapter
+            y = y + F.linear(h, B * c).to(y.dtype)
+        ctx.recompute = recompute
+        ctx.save_for_backward(x, h, B, m, n, w0, bias, *(() if recompute else (y,)))
         return y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        y, m, n, bias = ctx.saved_tensors
-        grad_pre = grad * (m / n).to(grad.dtype)
-        grad_m = None
+        # grad has y's dtype; the base path runs in it, the rank-r path in h's dtype, and autograd
+        # casts each returned gradient to its input's dtype.
+        x, h, B, m, n, w0, bias, *kept = ctx.saved_tensors
+        c = (m / n).unsqueeze(1)
+        grad_x = grad_h = grad_B = grad_m = grad_w0 = grad_bias = None
+        g_low = grad.to(h.dtype)
+        if ctx.needs_input_grad[0]:
+            grad_x = grad.mm((w0.to(c.dtype) * c).to(grad.dtype))
         if ctx.needs_input_grad[1]:
-            g, out = grad.reshape(-1, y.shape[-1]).to(m.dtype), y.reshape(-1, y.shape[-1]).to(m.dtype)
-            grad_m = (g * out).sum(0)                          # Σ g ⊙ y, then − b ⊙ Σ g: Σ g ⊙ (m/n) ⊙ pre
-            if bias is not None:
-                grad_m = grad_m - g.sum(0) * bias.to(m.dtype)
-            grad_m = grad_m / m
-        return grad_pre, grad_m, None, None
-
-
-class ScaleRowsRecomputed(torch.autograd.Function):
-    """``y = (m / n) ⊙ pre + b`` that keeps no output-sized tensor: the magnitude gradient
-    ``Σ_tokens g ⊙ pre / n`` recomputes ``pre = W0 x + B h`` (``h = s·A x``) in the backward pass.
-
-    x and h are the tensors autograd already keeps for the LoRA factors' gradients, so saving them
-    again costs nothing; the price is one ``tokens × in × out`` product per layer and backward.
-    """
-
-    @staticmethod
-    def forward(ctx, pre: torch.Tensor, m: torch.Tensor, n: torch.Tensor, bias: torch.Tensor | None,
-                x: torch.Tensor, h: torch.Tensor, w0: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(m, n, x, h, w0, B)
-        return scale_rows(pre, m, n, bias)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        m, n, x, h, w0, B = ctx.saved_tensors
-        grad_m = None
-        if ctx.needs_input_grad[1]:
-            with torch.no_grad():
-                pre = F.linear(x, w0) + F.linear(h, B).to(x.dtype)
-            grad_m = (grad.to(m.dtype) * pre.to(m.dtype)).reshape(-1, pre.shape[-1]).sum(0) / n
-        return grad * (m / n).to(grad.dtype), grad_m, None, None, None, None, None, None
+            grad_h = g_low.mm((B * c).to(h.dtype))
+        need_gh = ctx.needs_input_grad[2] or (ctx.needs_input_grad[3] and ctx.recompute)
+        gh = g_low.T.mm(h).to(B.dtype) if need_gh else None                      # (out, r)
+        if ctx.needs_input_grad[2]:
+            grad_B = gh * c
+        need_gw = ctx.needs_input_grad[5] or (ctx.needs_input_grad[3] and ctx.recompute)
+        gw = grad.T.mm(x.to(grad.dtype)).to(m.dtype) if need_gw else None         # (out, in)
+        if ctx.needs_input_grad[5]:                  # W0 trained (LoRA-GA's gradient of the base weight)
+            grad_w0 = gw * c
+        if ctx.needs_input_grad[3]:
+            if ctx.recompute:
+                grad_m = ((w0.to(m.dtype) * gw).sum(1) + (B * gh).sum(1)) / n
+            else:
+                grad_m = (grad.to(m.dtype) * kept[0].to(m.dtype)).sum(0)
+                if bias is not None:
+                    grad_m = grad_m - grad.to(m.dtype).sum(0) * bias.to(m.dtype)
+                grad_m = grad_m / m
+        if bias is not None and ctx.needs_input_grad[6]:
+            grad_bias = grad.sum(0)
+        return grad_x, grad_h, grad_B, grad_m, None, grad_w0, grad_bias, None

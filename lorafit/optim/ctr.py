@@ -12,7 +12,7 @@ from where:
 - *Ours*: H is the Gauss–Newton matrix ``Jᵀ H_L J`` (for softmax cross-entropy this is the Fisher)
   or the exact Hessian, both as matrix-free products; ``J v`` comes from the double-vjp trick
   (a vjp is linear in its cotangent u, so ``∂(Jᵀu)/∂u · v = J v``) rather than forward-mode AD,
-  because custom autograd Functions (DoRA's ``ScaleRows``) have no forward-mode rule; attention
+  because custom autograd Functions (DoRA's ``DoRAProduct``) have no forward-mode rule; attention
   runs on PyTorch's math SDPA kernel during curvature products (fused kernels have no double
   backward). The diagonal-Fisher metric is an EMA of squared gradients (β = ``fisher_beta``),
   normalised to mean 1 so that Δ keeps the units of a parameter norm. Dropout is switched off (ρ
