@@ -1,6 +1,6 @@
 """Which activations does an adapter keep for the backward pass? Saved-tensor accounting of one forward.
 
-    python scripts/saved_activations.py lora dora dora:recompute=true
+    python scripts/saved_activations.py lora dora dora:recompute=true dora:recompute=false
 
 Runs one training-mode forward of the embedded MiniLM (batch 32 × 128 random ids, every BERT linear
 layer adapted, defaults of ``configs/adapter/<name>.yaml`` as composed by Hydra) under

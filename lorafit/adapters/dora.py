@@ -25,10 +25,11 @@ output-sized tensor per layer, kept or recomputed; ``adapter.recompute`` chooses
 * recompute: nothing output-sized is kept; ``Σ_t g_i pre_i = Σ_j W0_ij (gᵀx)_ij + Σ_k B_ik (gᵀh)_ik``
   from x and h (kept for the factors' gradients anyway): one ``tokens × in × out`` product.
 
-``recompute: auto`` (the default) recomputes the square layers (in = out: the attention
-projections of BERT and Llama), whose product is the cheapest per value not kept, and keeps the rest: the
-wide MLP outputs are kept by their activation anyway, and the down projections' product
-(in = 4·hidden) costs the most. ``true`` / ``false`` recompute in every layer / none.
+``recompute: auto`` (the default) recomputes in the square layers (in = out: the attention
+projections of BERT and Llama, k/v only without grouped-query attention), where the product is the
+cheapest per value not kept, and keeps the output elsewhere: the wide MLP outputs are kept by their
+activation anyway, and the down projections' product (in = 4·hidden) costs the most. ``true`` /
+``false``: recompute in every layer / in none.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ class DoRAConfig(LoRAConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.recompute = {"true": "true", "false": "false", "auto": "auto"}.get(str(self.recompute).lower(), self.recompute)
+        self.recompute = str(self.recompute).lower()         # a YAML boolean arrives as True/False
         check_choice("adapter.recompute", self.recompute, ("auto", "true", "false"))
 
     def recomputes(self, layer: nn.Linear) -> bool:
@@ -144,26 +145,37 @@ class DoRALinear(LoRALinear):
             self.w0_norm_sq = torch.zeros(0, device=self.magnitude.device)
 
 
+def scaled(w0: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``c ⊙ W0`` (rows scaled; c in fp32), in W0's dtype."""
+    return (w0.to(c.dtype) * c).to(w0.dtype)
+
+
 class DoRAProduct(torch.autograd.Function):
     """``y = (c ⊙ W0) x + (c ⊙ B) h + b`` with ``c = m / n``: DoRA's output for ``h = s·A x``.
 
     Inputs with a gradient: x (tokens × in), h (tokens × r), B, m, and W0 and b when they require
     it (LoRA-GA's gradient of W0; a trained bias); n is the detached row norm. The backward pass
     uses the scaled weights too, so no pass over a tokens × out tensor is needed except the
-    magnitude's ``Σ_tokens g ⊙ (y − b)`` when y is kept; with ``recompute`` it uses ``Σ_j W0_ij (gᵀx)_ij + Σ_k B_ik (gᵀh)_ik`` instead. The
-    backward is made of differentiable operations, so double backward (CTR's curvature
-    products) works. m must not have exact zeros when y is kept (it starts at W0's row norms).
+    magnitude's ``Σ_tokens g ⊙ (y − b)`` when y is kept; with ``recompute`` it uses
+    ``Σ_j W0_ij (gᵀx)_ij + Σ_k B_ik (gᵀh)_ik`` instead. With fewer tokens than input features
+    (decoding) it scales the rows of y instead of W0's, which is cheaper there. The backward is
+    made of differentiable operations, so double backward (CTR's curvature products) works. m
+    must not have exact zeros when y is kept (it starts at W0's row norms).
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, h: torch.Tensor, B: torch.Tensor, m: torch.Tensor, n: torch.Tensor,
                 w0: torch.Tensor, bias: torch.Tensor | None, recompute: bool) -> torch.Tensor:
         c = (m / n).unsqueeze(1)
-        y = F.linear(x, (w0.to(c.dtype) * c).to(w0.dtype), bias)     # under autocast: its dtype
+        fold = x.shape[0] >= x.shape[1]      # scaling W0 (out×in) is cheaper than scaling y (tokens×out)
+        y = F.linear(x, scaled(w0, c) if fold else w0, bias if fold else None)   # under autocast: its dtype
         if y.dtype == h.dtype:
-            y.addmm_(h, (B * c).T.to(h.dtype))
+            y.addmm_(h, (B * c if fold else B).T.to(h.dtype))
         else:                                                        # half-precision base, fp32 adapter
-            y = y + F.linear(h, B * c).to(y.dtype)
+            y = y + F.linear(h, B * c if fold else B).to(y.dtype)
+        if not fold:                         # few tokens (decoding): scale the output rows instead
+            y = y.mul_(c.T.to(y.dtype)) if bias is None else torch.addcmul(bias.to(y.dtype), y, c.T.to(y.dtype))
+        ctx.fold = fold
         ctx.recompute = recompute
         ctx.save_for_backward(x, h, B, m, n, w0, bias, *(() if recompute else (y,)))
         return y
@@ -177,7 +189,10 @@ class DoRAProduct(torch.autograd.Function):
         grad_x = grad_h = grad_B = grad_m = grad_w0 = grad_bias = None
         g_low = grad.to(h.dtype)
         if ctx.needs_input_grad[0]:
-            grad_x = grad.mm((w0.to(c.dtype) * c).to(grad.dtype))
+            if ctx.fold:
+                grad_x = grad.mm(scaled(w0, c).to(grad.dtype))
+            else:
+                grad_x = (grad * c.T.to(grad.dtype)).mm(w0.to(grad.dtype))
         if ctx.needs_input_grad[1]:
             grad_h = g_low.mm((B * c).to(h.dtype))
         need_gh = ctx.needs_input_grad[2] or (ctx.needs_input_grad[3] and ctx.recompute)
