@@ -190,3 +190,29 @@ def test_half_precision_matches_float32(recompute: str, precision: str) -> None:
     got = {name: p.grad for name, p in layer.named_parameters()} | {"x": x.grad}
     for name, grad in expected.items():
         assert (got[name].float() - grad).norm() <= 2e-2 * grad.norm(), name
+
+
+@pytest.mark.parametrize("recompute", ["true", "false"])
+def test_training_step_never_forms_B_times_A(recompute: str) -> None:
+    """No matrix product in DoRA's forward or backward has the rank r as its inner size and an
+    out×in result, i.e. ``B·A`` is never formed (the norm comes from r-sized products)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    products = []
+
+    class RecordProducts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            packet = func.overloadpacket
+            if packet in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_, torch.ops.aten.bmm):
+                first = args[1] if packet in (torch.ops.aten.addmm, torch.ops.aten.addmm_) else args[0]
+                products.append((first.shape[-1], tuple(out.shape)))
+            return out
+
+    layer = DoRAConfig(r=4, alpha=8, recompute=recompute).wrap(nn.Linear(24, 40))
+    _randomise(layer, 0)
+    x = torch.randn(3, 10, 24, requires_grad=True)
+    with RecordProducts():
+        layer(x).pow(2).sum().backward()
+    assert (4, (30, 40)) in products                 # the mode sees the rank-r product h·(c⊙B)ᵀ
+    assert not [p for p in products if p[0] == 4 and p[1][-2:] == (40, 24)], products
