@@ -3,9 +3,9 @@
 
 A *variant* is ``SIDE:METHOD``. lorafit methods: lora, rslora, dora, adalora, bone, bat, rosa,
 spectral_a, spectral_r, lora_dash, and dora_recompute / dora_keep (DoRA with ``recompute: true`` /
-``false``; the default is ``auto``; only when named in ``--variants``). PEFT methods: lora, dora (``LoraConfig(use_dora=True)``),
-adalora (``AdaLoraConfig``), bone (``MissConfig``, default init), bat
-(``MissConfig(init_weights="bat")``). Default: all ten lorafit methods, then the five PEFT ones;
+``false`` instead of its default ``auto``; only when named in ``--variants``). PEFT methods: lora,
+dora (``LoraConfig(use_dora=True)``), adalora (``AdaLoraConfig``), bone (``MissConfig``, default
+init), bat (``MissConfig(init_weights="bat")``). Default: all ten lorafit methods, then the five PEFT ones;
 ``--variants`` picks a subset (``--variants lorafit:dora peft:dora lorafit:lora``).
 
 Every variant trains the same model on the same batch with the same targets, head, optimizer and
