@@ -111,7 +111,8 @@ class RoSALinear(LoRALinear):
         if self.disabled or self.merged:
             return out
         flat = x.reshape(-1, x.shape[-1]).to(self.sparse_values.dtype)
-        sparse = torch.sparse.mm(self.sparse_matrix(), flat.T).T                 # (S x) for every token
+        with torch.autocast(x.device.type, enabled=False):      # sparse × dense has no bf16 autocast rule
+            sparse = torch.sparse.mm(self.sparse_matrix(), flat.T).T             # (S x) for every token
         return out + sparse.reshape(*x.shape[:-1], -1).to(out.dtype)
 
     @torch.no_grad()
