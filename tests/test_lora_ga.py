@@ -156,3 +156,59 @@ def test_init_identity(adapter: str, tiny_llama_cfg, alpaca: Path) -> None:
     with torch.no_grad():
         after = assembled.model(input_ids=ids).logits
     assert float((after - before).abs().max() / before.abs().max()) <= 1e-4
+
+
+def test_init_gradient_is_the_mean_over_all_init_batches(tiny_llama_cfg, alpaca: Path) -> None:
+    """Kills the mutant ``sums[name] += weight.grad…`` → ``sums[name] = weight.grad…`` in
+    ``gradient_sums`` (only the last batch's gradient kept instead of the sum over ``init.batches``).
+
+    G as the init uses it (``GradientInit.mean_gradients``, 3 batches of 2 different examples) is
+    compared with the mean of 3 gradients computed here one batch at a time: a deep copy of the
+    model with its adapters disabled, the batch's mean next-token cross-entropy written out with
+    ``F.cross_entropy``, one ``torch.autograd.grad`` per batch for every target's W0. The batches
+    are the init's documented ones: the first 3 × 2 examples of ``randperm`` seeded by the run's seed.
+    """
+    import copy
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from lorafit.adapters import adapters_disabled
+    from lorafit.adapters.lora import LoRAConfig
+    from lorafit.assemble import assemble
+    from lorafit.data.tasks import InstructData
+    from lorafit.inits.lora_ga import GradientInit, LoRAGAInit
+
+    n_batches, batch_size, seed = 3, 2, 0
+    init = LoRAGAInit(batches=n_batches, batch_size=batch_size)
+    assembled = assemble(tiny_llama_cfg, LoRAConfig(r=4, alpha=8), init, "causal_lm", 2, seed=seed)
+    data = InstructData(path=str(alpaca), eval_fraction=0.0)
+    train_set = tokenize(data, "train", assembled.tokenizer, None)
+    pad_id = assembled.tokenizer.pad_token_id
+    trainer = SimpleNamespace(step=0, cfg=SimpleNamespace(seed=seed, data=data), accelerator=Accelerator(cpu=True),
+                              unwrapped=lambda: assembled.model, train_set=train_set, pad_id=pad_id,
+                              task="causal_lm", assembled=assembled)
+    plain = copy.deepcopy(assembled.model).eval()          # the independent copy, taken before the init runs
+    layers = dict(assembled.layers)
+    got = GradientInit(init).mean_gradients(trainer, assembled.model, layers)
+
+    order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed)).tolist()
+    weights = {name: plain.get_submodule(name).base.weight for name in layers}
+    for w in weights.values():
+        w.requires_grad_(True)
+    per_batch = []
+    with adapters_disabled(plain):
+        for b in range(n_batches):
+            batch = collate([train_set[i] for i in order[b * batch_size:(b + 1) * batch_size]], pad_id)
+            logits = plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                     batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
+            grads = torch.autograd.grad(loss, list(weights.values()))
+            per_batch.append({name: g.double() for name, g in zip(weights, grads)})
+    assert got.keys() == weights.keys() and len(got) == 14
+    for name in weights:
+        mean = sum(g[name] for g in per_batch) / n_batches
+        error = rel(got[name].double(), mean)
+        assert error <= 1e-5, f"{name}: the init's G is off the mean of the per-batch gradients by {error:.3g}"
+        # the batches really differ: no single batch's gradient (nor a share of it) stands in for the mean
+        assert all(rel(g[name] / n_batches, mean) > 0.1 and rel(g[name], mean) > 0.1 for g in per_batch), name
