@@ -349,3 +349,73 @@ def test_two_processes_take_the_same_ctr_steps_as_one(run_cli, tmp_path: Path) -
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), key
     a, b = adapter_of(one), adapter_of(tmp_path / "two")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+
+
+# --------------------------------------------------------------------------- 5. independent checks of the step
+def loss_at(model: nn.Module, params: list[torch.Tensor], values: list[torch.Tensor],
+            batches: list[dict[str, torch.Tensor]]) -> float:
+    """The mean cross-entropy over ``batches`` with ``params`` set to ``values``: plain forward passes
+    in eval mode (no dropout), the loss written out here in float64; ``params`` are left as found."""
+    kept = [p.detach().clone() for p in params]
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for p, v in zip(params, values):
+            p.copy_(v)
+        for batch in batches:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            total += float(nn.functional.cross_entropy(logits.double(), batch["labels"], reduction="sum"))
+            count += batch["labels"].shape[0]
+        for p, v in zip(params, kept):
+            p.copy_(v)
+    model.train(was_training)
+    return total / count
+
+
+def test_actual_reduction_is_the_loss_drop_at_the_trial_point(run_cli, tmp_path: Path, monkeypatch) -> None:
+    """Kills the mutant ``actual = loss_before - loss_after`` → ``actual = predicted`` in
+    ``TrustRegionStep.before_optimizer_step`` (ρ ≡ 1: the trial point θ+δ never judged).
+
+    Each step's δ is caught on its way out of ``steihaug_cg``; L(θ) and L(θ+δ) are then evaluated
+    here with fresh forward passes of the model (eval mode, the step's own batch, cross-entropy in
+    float64), and the logged ``actual_reduction`` must be L(θ) − L(θ+δ) and ρ = actual / predicted.
+    A large radius makes the quadratic model visibly wrong, so ρ is far from 1 on some step."""
+    real_step, real_cg = ctr.TrustRegionStep.before_optimizer_step, ctr.steihaug_cg
+    trial: list[torch.Tensor] = []
+    seen: list[dict] = []
+
+    def cg_spy(*args, **kwargs):
+        result = real_cg(*args, **kwargs)
+        trial.append(result.step.detach().clone())
+        return result
+
+    def step_spy(self, trainer):
+        model, params, batches = trainer.unwrapped(), trainer.params, list(trainer.current_batches)
+        theta = [p.detach().clone() for p in params]
+        real_step(self, trainer)
+        deltas, start = [], 0
+        for p in theta:
+            deltas.append(trial[-1][start:start + p.numel()].view_as(p).to(p.dtype))
+            start += p.numel()
+        seen.append({"before": loss_at(model, params, theta, batches),
+                     "after": loss_at(model, params, [t + d for t, d in zip(theta, deltas)], batches),
+                     **self.last})
+
+    monkeypatch.setattr(ctr, "steihaug_cg", cg_spy)
+    monkeypatch.setattr(ctr.TrustRegionStep, "before_optimizer_step", step_spy)
+    run = tmp_path / "run"
+    assert (r := run_cli("train", f"output_dir={run}", *TINY, "+optim=ctr", "max_steps=3", "model.dropout=0.0",
+                         "optimizer.radius=3.0")).code == 0, r.text
+    rows = records(run)
+    assert len(seen) == len(rows) == 3
+    for step, (got, row) in enumerate(zip(seen, rows), 1):
+        drop = got["before"] - got["after"]
+        assert got["loss_before"] == pytest.approx(got["before"], abs=1e-5), step
+        assert got["actual_reduction"] == pytest.approx(drop, abs=1e-5), \
+            f"step {step}: actual_reduction {got['actual_reduction']:.6g} but L(θ) − L(θ+δ) = {drop:.6g}"
+        assert got["rho"] == pytest.approx(drop / got["pred_reduction"], rel=1e-4, abs=1e-5), step
+        assert row["actual_reduction"] == pytest.approx(got["actual_reduction"], rel=1e-6), step   # what is logged
+        assert row["rho"] == pytest.approx(got["rho"], rel=1e-6), step
+    # the quadratic model is visibly off on some step, so "actual = predicted" (ρ ≡ 1) cannot pass
+    assert max(abs(g["before"] - g["after"] - g["pred_reduction"]) / g["pred_reduction"] for g in seen) > 0.25
