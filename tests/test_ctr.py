@@ -419,3 +419,78 @@ def test_actual_reduction_is_the_loss_drop_at_the_trial_point(run_cli, tmp_path:
         assert row["rho"] == pytest.approx(got["rho"], rel=1e-6), step
     # the quadratic model is visibly off on some step, so "actual = predicted" (ρ ≡ 1) cannot pass
     assert max(abs(g["before"] - g["after"] - g["pred_reduction"]) / g["pred_reduction"] for g in seen) > 0.25
+
+
+def whitened_utility(history: list[dict[str, torch.Tensor]], layers: dict[str, nn.Module],
+                     beta: float) -> torch.Tensor:
+    """Today's CTR utility of every rank-1 component after the steps in ``history`` (each a
+    parameter name → gradient dict over all trainable tensors), written out from its definition:
+    F = EMA_β(g²) per coordinate, floored by 1e-3·mean(F) over all of them; per component i of a
+    layer, u_i = ½ (Σ_j g_A[i, j]² / F_A[i, j] + Σ_k g_B[k, i]² / F_B[k, i]); the utility is
+    EMA_β(u). Components in ``layers`` order, rank index within. (Re-point this one function when
+    the utility becomes another curvature proxy.)"""
+    fisher: dict[str, torch.Tensor] = {}
+    utility = None
+    for grads in history:
+        fisher = {n: g * g if n not in fisher else beta * fisher[n] + (1 - beta) * g * g for n, g in grads.items()}
+        floor = 1e-3 * torch.cat([f.reshape(-1) for f in fisher.values()]).mean()
+        score = {n: grads[n] ** 2 / (fisher[n] + floor) for n in grads}
+        now = torch.cat([0.5 * (score[f"{name}.lora_A"][i].sum() + score[f"{name}.lora_B"][:, i].sum()).reshape(1)
+                         for name, layer in layers.items() for i in range(layer.r)])
+        utility = now if utility is None else beta * utility + (1 - beta) * now
+    return utility
+
+
+def assert_the_most_useful_components_are_kept(active: torch.Tensor, utility: torch.Tensor, keep: int,
+                                               rtol: float = 1e-4) -> None:
+    """The rank schedule's promise: ``keep`` components trainable, and each of them at least as
+    useful as every frozen one (ties, within rtol of the largest utility, aside)."""
+    assert active.dtype == torch.bool and active.shape == utility.shape
+    assert int(active.sum()) == keep
+    tol = rtol * float(utility.abs().max())
+    kept, dropped = utility[active], utility[~active]
+    assert float(kept.min()) >= float(dropped.max()) - tol, (
+        f"a frozen component (utility {float(dropped.max()):.6g}) beats a trained one ({float(kept.min()):.6g})")
+    top = torch.topk(utility, keep + 1).values
+    if float(top[keep - 1] - top[keep]) > tol:          # no tie at the boundary: the set is exactly the top-k
+        assert set(torch.nonzero(active).view(-1).tolist()) == set(torch.topk(utility, keep).indices.tolist())
+
+
+def test_rank_schedule_keeps_the_components_of_largest_utility(run_cli, tmp_path: Path, monkeypatch) -> None:
+    """Kills the mutant ``torch.topk(self.utility, keep)`` → ``torch.topk(-self.utility, keep)`` in
+    ``TrustRegionStep._rank_mask`` (the least useful rank-1 components kept trainable).
+
+    The gradients of every step are caught after the backward (before any clipping); the utility
+    of each rank-1 component (row i of A, column i of B) is computed here from them
+    (:func:`whitened_utility`), and at every re-choice (steps 0 and 2 with ``rank_every=2``) the
+    callback's active set must be the ``round(budget × 112)`` components of largest utility
+    (:func:`assert_the_most_useful_components_are_kept`); in between it must not change."""
+    from lorafit.adapters import adapter_layers
+
+    real_backward, real_step = ctr.TrustRegionStep.after_backward, ctr.TrustRegionStep.before_optimizer_step
+    history: list[dict[str, torch.Tensor]] = []
+    seen: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+
+    def backward_spy(self, trainer):
+        real_backward(self, trainer)
+        history.append({n: p.grad.detach().double().clone()
+                        for n, p in trainer.unwrapped().named_parameters() if p.requires_grad})
+
+    def step_spy(self, trainer):
+        step = trainer.step
+        real_step(self, trainer)
+        layers = dict(adapter_layers(trainer.unwrapped()))
+        seen.append((step, self.active.clone(), whitened_utility(history, layers, self.cfg.fisher_beta)))
+
+    monkeypatch.setattr(ctr.TrustRegionStep, "after_backward", backward_spy)
+    monkeypatch.setattr(ctr.TrustRegionStep, "before_optimizer_step", step_spy)
+    run = tmp_path / "run"
+    assert (r := run_cli("train", f"output_dir={run}", *TINY, "+optim=ctr", "optimizer.rank_budget=0.25",
+                         "optimizer.rank_every=2", "max_steps=3")).code == 0, r.text
+    assert [s for s, *_ in seen] == [0, 1, 2]
+    for step, active, utility in seen:
+        assert utility.numel() == 112
+        if step % 2 == 0:
+            assert_the_most_useful_components_are_kept(active, utility, keep=28)
+        else:
+            assert torch.equal(active, seen[step - 1][1])
