@@ -263,6 +263,44 @@ def test_rosa_mask_is_the_top_k_of_the_score() -> None:
     assert layer.sparse_on.item() == 1.0
 
 
+def test_rosa_mask_is_the_top_k_of_the_mean_squared_gradient() -> None:
+    """Kills the mutant ``grad.pow(2)`` → ``grad`` (both branches) in
+    ``SparseMaskSchedule.after_backward`` (the mask scored by the signed gradient sum, not the
+    empirical Fisher).
+
+    ``SparseMaskSchedule`` (``wl1``, ``spa_num_grads=3``) is driven step by step with known
+    gradients of W0 whose signs change between steps; the chosen mask must be the top
+    ``k = ⌊density · out · in⌋`` entries of Σ g² / 3 computed here (and differ from the top-k of Σ g,
+    so the test can tell the two apart)."""
+    from types import SimpleNamespace
+
+    from lorafit.adapters.rosa import SparseMaskSchedule
+
+    layer = RoSAConfig(r=2, density=0.05, schedule="wl1", spa_num_grads=3).wrap(nn.Linear(20, 10))
+    layer.base.weight.requires_grad_(False)                         # as attach leaves it
+    model = nn.Sequential(layer)
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(10, 20, generator=gen) for _ in range(3)]   # steps 1, 2, 3 (step 0 is LoRA alone)
+    schedule = SparseMaskSchedule(warmup=1, num_grads=3)
+    trainer = SimpleNamespace(unwrapped=lambda: model, step=0, accelerator=SimpleNamespace(num_processes=1),
+                              optimizer=SimpleNamespace(state={}))
+    schedule.on_train_start(trainer)
+    for step in range(4):
+        trainer.step = step
+        assert layer.base.weight.requires_grad == (step >= 1)       # dense gradients on the collection steps only
+        if layer.base.weight.requires_grad:
+            layer.base.weight.grad = grads[step - 1].clone()
+        schedule.after_backward(trainer)
+        schedule.after_optimizer_step(trainer)
+    assert layer.sparse_on.item() == 1.0 and not layer.base.weight.requires_grad
+    k = int(0.05 * 200)
+    fisher = sum(g.double() ** 2 for g in grads) / 3
+    expected = set(torch.topk(fisher.flatten(), k).indices.tolist())
+    signed = set(torch.topk(sum(g.double() for g in grads).flatten(), k).indices.tolist())
+    assert expected != signed                                      # Σg and Σg² rank these entries differently
+    assert layer.sparse_index.tolist() == sorted(expected), "the mask is not the top-k of the mean squared gradient"
+
+
 # ------------------------------------------------------------------------------ 3. merge/unmerge
 @pytest.mark.parametrize("name", NAMES)
 def test_merge_unmerge_in_place(name: str, arch) -> None:
