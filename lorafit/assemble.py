@@ -15,20 +15,20 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lorafit import __version__
 from lorafit.adapters import adapter_state_dict, attach, find_targets, load_adapter_state
 from lorafit.config import ConfigError, ModelConfig, schema_of, as_dict, to_object
+from lorafit.files import load_tensors, read_json, recover, staging, swap_in
 from lorafit.models import default_targets, fingerprint, head_module_names, load_model, load_tokenizer
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -90,27 +90,24 @@ def assemble(model_cfg: ModelConfig, adapter_cfg: Any, init_cfg: Any, task: str,
 
 
 def save_adapter(folder: Path, model: nn.Module, meta: dict[str, Any]) -> None:
-    """Write the adapter atomically: into ``folder.tmp``, then rename over ``folder``."""
+    """Write the adapter recoverably: into a hidden sibling (the config last), then swap it in.
+
+    Raises:
+        ConfigError: a tensor holds NaN or inf (a diverged run must not leave a final adapter).
+    """
     folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    recover(folder, ADAPTER_CONFIG)
     state = {k: v.contiguous() for k, v in adapter_state_dict(model, meta["modules_to_save"]).items()}
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ConfigError(f"The adapter holds NaN or inf values ({len(bad)} tensors, first: {bad[0]}), so it was not "
+                          f"written to {folder}. Training diverged: lower optimizer.lr (or turn on max_grad_norm) "
+                          f"and train again.")
+    tmp, _ = staging(folder)
+    tmp.mkdir(parents=True)
     save_file(state, str(tmp / ADAPTER_WEIGHTS))
-    (tmp / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2))
-    replace_dir(tmp, folder)
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move ``src`` to ``dst``, replacing it; ``dst`` is never half-written."""
-    if dst.exists():
-        old = dst.with_name(dst.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
+    (tmp / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2))   # last: its presence marks a complete folder
+    swap_in(tmp, folder)
 
 
 def find_adapter_dir(path: str | os.PathLike) -> Optional[Path]:
@@ -120,6 +117,16 @@ def find_adapter_dir(path: str | os.PathLike) -> Optional[Path]:
         if (candidate / ADAPTER_CONFIG).is_file():
             return candidate
     return None
+
+
+def run_folder(adapter_dir: Path) -> Path:
+    """The training run an adapter folder belongs to (``RUN`` for ``RUN/adapter`` and for
+    ``RUN/checkpoints/step-N/adapter``), or the adapter folder itself if it lies in no run."""
+    adapter_dir = Path(adapter_dir)
+    for folder in [adapter_dir, *adapter_dir.parents][:5]:
+        if (folder / "config.yaml").is_file():
+            return folder
+    return adapter_dir
 
 
 def load_adapted(adapter_dir: str | os.PathLike, base_model: Optional[str] = None) -> Assembled:
@@ -133,7 +140,12 @@ def load_adapted(adapter_dir: str | os.PathLike, base_model: Optional[str] = Non
         ConfigError: the base model's weights differ from those the adapter was trained on.
     """
     adapter_dir = Path(adapter_dir)
-    meta = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+    meta = read_json(adapter_dir / ADAPTER_CONFIG, "Adapter config")
+    missing = [k for k in ("model", "adapter", "targets", "task", "num_labels", "base_model", "base_fingerprint",
+                           "modules_to_save") if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise ConfigError(f"Adapter config {adapter_dir / ADAPTER_CONFIG} lacks {', '.join(missing)}: it was not "
+                          f"written by `lorafit train`, or it was edited. Use the run's own adapter folder.")
     model_cfg = to_object(meta["model"], ModelConfig, "model")
     model_cfg.name_or_path = base_model or meta["base_model"]
     model_cfg.build = None
@@ -151,5 +163,5 @@ def load_adapted(adapter_dir: str | os.PathLike, base_model: Optional[str] = Non
             f"would silently give a different model. Pass the original base (the run recorded "
             f"'{meta['base_model']}').")
     layers = attach(model, adapter_cfg, meta["targets"])
-    load_adapter_state(model, load_file(str(adapter_dir / ADAPTER_WEIGHTS)))
+    load_adapter_state(model, load_tensors(adapter_dir / ADAPTER_WEIGHTS))
     return Assembled(model, tokenizer, layers, meta["modules_to_save"], meta)

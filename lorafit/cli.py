@@ -5,8 +5,11 @@ recipe (a diff-only Hydra file, see ``recipes/``) and the overrides, validates e
 the schema, then assembles the model and runs the trainer. Overrides accept ``+adapter=dora`` as
 well as ``adapter=dora``, and ``optim`` as the short name of ``optimizer``.
 
-Every mistake a user can make on the command line ends in one paragraph naming the bad value and
-the fix (exit code 2), never in a traceback.
+Every command runs inside one error boundary (:func:`run_command`): an expected failure — a bad
+config value, a missing or malformed file, a folder lorafit may not write, out of memory, a
+diverged run — ends in one paragraph naming the value at fault and the fix (exit code 2); Ctrl-C
+stops training at a checkpoint and prints the command that resumes it (exit code 130); anything
+else is a bug: a short paragraph says where the full traceback was written (exit code 1).
 """
 
 from __future__ import annotations
@@ -14,10 +17,11 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shlex
 import subprocess
-import shutil
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -85,12 +89,9 @@ def compose(config_name: str, overrides: Sequence[str], recipe: Optional[str] = 
     overrides = rewrite_overrides(overrides)
     with tempfile.TemporaryDirectory() as tmp:
         if recipe is not None:
-            path = Path(recipe)
-            if not path.is_file():
-                raise ConfigError(f"Recipe file '{recipe}' does not exist. Recipes live in recipes/ "
-                                  f"(e.g. --recipe recipes/sst2_lora.yaml).")
+            text = read_recipe(Path(recipe))
             (Path(tmp) / "recipe").mkdir()
-            shutil.copy(path, Path(tmp) / "recipe" / "selected.yaml")
+            (Path(tmp) / "recipe" / "selected.yaml").write_text(text, encoding="utf-8")
             overrides = [f"hydra.searchpath=[file://{tmp}]", "+recipe=selected", *overrides]
         GlobalHydra.instance().clear()
         try:
@@ -99,9 +100,38 @@ def compose(config_name: str, overrides: Sequence[str], recipe: Optional[str] = 
         except ConfigError:
             raise
         except Exception as exc:  # Hydra's own exceptions carry no common base class worth naming
-            raise _hydra_error(exc, config_name) from None
+            error = _hydra_error(exc, config_name)
+            if recipe is not None:  # name the user's file, not the temporary copy Hydra read
+                text = str(error).replace(str(Path(tmp) / "recipe" / "selected.yaml"), str(recipe))
+                text = text.replace(f"file://{tmp}", str(Path(recipe).parent)).replace("recipe/selected", str(recipe))
+                error = ConfigError(f"{text} (in the recipe {recipe})" if str(recipe) not in text else text)
+            raise error from None
         finally:
             GlobalHydra.instance().clear()
+
+
+def read_recipe(path: Path) -> str:
+    """A recipe's text, checked to be a YAML mapping (a syntax error names the file and line)."""
+    import yaml
+
+    from lorafit.files import read_text
+
+    if not path.is_file():
+        raise ConfigError(f"Recipe file '{path}' does not exist. Recipes live in recipes/ "
+                          f"(e.g. --recipe recipes/sst2_lora.yaml).")
+    text = read_text(path, "Recipe file")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"Recipe file {path} is not valid YAML{where}: {problem}. Fix that line; recipes/ "
+                          f"holds working examples.") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"Recipe file {path} must hold a YAML mapping of config keys (e.g. `max_steps: 100`), "
+                          f"not a {type(data).__name__}.")
+    return text
 
 
 def help_config(group: str) -> str:
@@ -169,6 +199,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from lorafit.run import train
 
     cfg = validate(compose("train", args.overrides, args.recipe))
+    args.log_dir = cfg.output_dir
     train(cfg)
     return 0
 
@@ -176,7 +207,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from lorafit.merge import merge
 
-    merge(args.run_dir, args.out_dir, base_model=args.base_model)
+    merge(args.run_dir, args.out_dir, base_model=args.base_model, overwrite=args.overwrite)
     return 0
 
 
@@ -201,7 +232,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from lorafit.report import report
 
-    report(args.run_dirs, args.output_dir)
+    report(args.run_dirs, args.output_dir, overwrite=args.overwrite)
     return 0
 
 
@@ -218,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a training run folder (or its adapter/ or a checkpoint)")
     p.add_argument("out_dir", help="where to write the merged Hugging Face model folder")
     p.add_argument("--base-model", help="the base model (default: the one recorded at training)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier `lorafit merge` output in OUT")
     p.set_defaults(func=cmd_merge)
     p = sub.add_parser("eval", help="score a base model folder, a run folder or a merged folder")
     p.add_argument("model", help="a Hugging Face model folder, a run folder or a merged folder")
@@ -229,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
                    help="training run folders or `lorafit eval` output folders")
     p.add_argument("--output-dir", default="report", help="where report.md and loss.png go (default: report/)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier `lorafit report` output there")
     p.set_defaults(func=cmd_report)
     return parser
 
@@ -245,6 +278,70 @@ def quiet_libraries() -> None:
     datasets.disable_progress_bars()
 
 
+# ---------------------------------------------------------------------------- error boundary
+OUT_OF_MEMORY_FIX = ("Lower data.batch_size (or keep it and raise hardware.grad_accum_steps, which splits each "
+                     "step into smaller micro-batches), lower data.max_length, or, for evaluation, eval "
+                     "batch_size / data.eval_batch_size.")
+
+
+def say(command: str, label: str, text: str) -> None:
+    """One paragraph on stderr: ``lorafit COMMAND: LABEL: text``."""
+    from rich.console import Console
+    from rich.markup import escape  # a value like `[bold]x` in the message is text, not markup
+
+    Console(stderr=True).print(f"[bold red]lorafit {command}: {label}:[/] {escape(text)}", highlight=False)
+
+
+def crash_log(log_dir: Optional[str]) -> Path:
+    """Where the traceback of an unexpected error goes: ``RUN/error.log`` (``error-rank<N>.log`` on other
+    processes) when the run folder exists, else a new file in the temp folder."""
+    rank = int(os.environ.get("RANK", "0") or 0)
+    if log_dir and Path(log_dir).is_dir():
+        return Path(log_dir) / ("error.log" if rank == 0 else f"error-rank{rank}.log")
+    handle, name = tempfile.mkstemp(prefix="lorafit-error-", suffix=".log")
+    os.close(handle)
+    return Path(name)
+
+
+def resume_command(argv: Sequence[str]) -> str:
+    """The command line that continues an interrupted ``lorafit train`` run."""
+    words = [w for w in argv if not re.match(r"^\+*resume=", w)]
+    return "lorafit " + " ".join(shlex.quote(w) for w in [*words, "resume=true"])
+
+
+def run_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Run one command inside the error boundary; the exit code."""
+    import torch
+
+    from lorafit.train.trainer import Interrupted
+
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        say(args.command, "error", str(exc))
+        return 2
+    except (torch.OutOfMemoryError, MemoryError) as exc:
+        device = "GPU" if isinstance(exc, torch.OutOfMemoryError) else "CPU"
+        say(args.command, "out of memory", f"The {device} ran out of memory ({str(exc).splitlines()[0][:200]}). "
+                                           f"{OUT_OF_MEMORY_FIX}")
+        return 2
+    except Interrupted as exc:
+        say(args.command, "interrupted", f"{exc} Resume with: {resume_command(argv)}")
+        return 130
+    except KeyboardInterrupt:
+        say(args.command, "interrupted", "Stopped by Ctrl-C.")
+        return 130
+    except Exception:  # a bug: keep the traceback for the report, show a short paragraph
+        log = crash_log(getattr(args, "log_dir", None))
+        log.write_text(f"lorafit {' '.join(shlex.quote(w) for w in argv)}\n\n{traceback.format_exc()}")
+        kind, value = sys.exc_info()[:2]
+        say(args.command, "internal error", f"This is a bug in lorafit, not a mistake of yours: "
+                                            f"{kind.__name__}: {str(value).splitlines()[0][:200] if str(value) else ''}. "
+                                            f"The full traceback is in {log}. Please report it with that file and "
+                                            f"the command you ran.")
+        return 1
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -252,16 +349,23 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         sys.exit(code)
     quiet_libraries()
     if getattr(args, "help_config", None):
-        print(help_config(args.help_config))
-        sys.exit(0)
-    try:
-        code = args.func(args)
-    except ConfigError as exc:
-        from rich.console import Console
-        from rich.markup import escape  # a value like `[bold]x` in the message is text, not markup
-        Console(stderr=True).print(f"[bold red]lorafit {args.command}: error:[/] {escape(str(exc))}", highlight=False)
-        code = 2
+        args.func = lambda a: print(help_config(a.help_config)) or 0
+    code = run_command(args, argv)
+    if code not in (0, 130) and _in_process_group():
+        # One rank failed: exit at once so that the launcher ends the others, instead of leaving
+        # them waiting forever in a collective this rank will never join.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(code)
+
+
+def _in_process_group() -> bool:
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover
+        return False
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 if __name__ == "__main__":

@@ -342,8 +342,7 @@ def evaluate_commonsense(path: str, cfg: EvalConfig) -> dict[str, dict]:
     Returns:
         ``{task: {"protocol", "acc", ("acc_norm" for loglik, "no_answer" for generate), "n"}}``.
     """
-    from lorafit.report import write_results
-    from lorafit.run import make_accelerator, print_results
+    from lorafit.run import make_accelerator, print_results, save_eval
 
     data = cfg.data
     if not isinstance(data, CommonsenseData):
@@ -365,13 +364,14 @@ def evaluate_commonsense(path: str, cfg: EvalConfig) -> dict[str, dict]:
                                                  lambda n, b=bar: progress.advance(b, n))
             results[task] = {"protocol": protocol, **metrics, "n": len(rows[task])}
             predictions[task] = records
-    out_dir = Path(cfg.output_dir) if cfg.output_dir else Path(path)
-    write_results(out_dir, results, title=f"lorafit eval {path} ({kind}), suite=commonsense, protocol={protocol}")
-    if cfg.save_predictions:
-        with open(out_dir / "predictions.jsonl", "w") as f:
+    print_results(results, title=f"{path} [{kind}, {protocol}]")
+
+    def write_predictions(folder: Path) -> None:
+        with open(folder / "predictions.jsonl", "w") as f:
             for task, records in predictions.items():
                 for record in records:
                     f.write(json.dumps({"task": task, **record}) + "\n")
-    print_results(results, title=f"{path} [{kind}, {protocol}]")
-    console.print(f"results → {out_dir / 'results.json'}, {out_dir / 'results.md'}")
+
+    save_eval(path, cfg, results, f"lorafit eval {path} ({kind}), suite=commonsense, protocol={protocol}",
+              write_predictions)
     return results

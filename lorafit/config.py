@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,8 @@ GROUP_ALIASES = {"optim": "optimizer"}
 
 
 class ConfigError(ValueError):
-    """A user-facing configuration mistake: one paragraph naming the bad value and the fix."""
+    """An expected failure caused by what the user gave (a config value, a file, a folder, the
+    environment): one paragraph naming the bad value and the fix. ``lorafit`` exits with code 2."""
 
 
 def check_choice(key: str, value: Any, allowed: Iterable[Any]) -> None:
@@ -43,9 +45,29 @@ def check_choice(key: str, value: Any, allowed: Iterable[Any]) -> None:
         )
 
 
+def check_finite(key: str, value: Any) -> None:
+    """Raise :class:`ConfigError` if ``value`` is a float NaN or infinity (NaN passes every comparison)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"Bad value for '{key}': {value!r}. It must be a finite number; fix it on the command "
+                          f"line or in the recipe (e.g. {key}=0.001).")
+
+
+def _check_all_finite(values: Any, key: str) -> None:
+    """:func:`check_finite` on every float of a (nested) config container."""
+    if isinstance(values, dict):
+        for name, value in values.items():
+            _check_all_finite(value, f"{key}.{name}" if key else str(name))
+    elif isinstance(values, (list, tuple)):
+        for i, value in enumerate(values):
+            _check_all_finite(value, f"{key}[{i}]")
+    else:
+        check_finite(key, values)
+
+
 def check_range(key: str, value: float, low: float | None = None, high: float | None = None,
                 low_inclusive: bool = True, high_inclusive: bool = True) -> None:
     """Raise :class:`ConfigError` unless ``low <= value <= high`` (strict where not inclusive)."""
+    check_finite(key, value)
     too_low = low is not None and (value < low if low_inclusive else value <= low)
     too_high = high is not None and (value > high if high_inclusive else value >= high)
     if too_low or too_high:
@@ -132,7 +154,10 @@ class TrainConfig:
         max_steps: optimizer steps; if ``None``, ``num_epochs`` passes over the data.
         eval_every / save_every / log_every: in optimizer steps (0 = only at the end).
         keep_checkpoints: how many step checkpoints to keep on disk.
-        resume: continue from the latest checkpoint in ``output_dir``.
+        resume: continue from the latest checkpoint in ``output_dir`` (refused if the config differs
+            from the checkpoint's in anything that changes the maths).
+        overwrite: start afresh in an ``output_dir`` that holds an earlier lorafit run (only lorafit's
+            own files there are removed); without it such a folder is refused.
         max_grad_norm: gradient clipping (0 = off).
         tensorboard: also write TensorBoard scalars to ``output_dir/tb``.
     """
@@ -155,6 +180,7 @@ class TrainConfig:
     log_every: int = 10
     keep_checkpoints: int = 2
     resume: bool = False
+    overwrite: bool = False
     max_grad_norm: float = 1.0
     tensorboard: bool = False
     progress: bool = True
@@ -183,6 +209,9 @@ class EvalConfig:
         limit: score only the first N examples of each file / split.
         max_new_tokens: ``protocol=generate``: greedy tokens generated per example.
         batch_size: examples per forward pass.
+        output_dir: where ``results.json`` / ``results.md`` (and predictions) are written; unset:
+            the results are printed only (lorafit never writes into a model folder).
+        overwrite: replace an earlier ``lorafit eval`` output in ``output_dir``.
     """
 
     data: Any = None
@@ -195,6 +224,7 @@ class EvalConfig:
     limit: Optional[int] = None
     max_new_tokens: int = 32
     save_predictions: bool = False
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         check_choice("suite", self.suite, ["glue", "commonsense"])
@@ -242,6 +272,7 @@ def to_object(node: DictConfig | dict, schema: type, key: str) -> Any:
             )
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), values)
+        _check_all_finite(OmegaConf.to_container(merged, resolve=True), key)
         return OmegaConf.to_object(merged)
     except ConfigError:
         raise

@@ -62,12 +62,15 @@ def _labels(folders: list[Path]) -> list[str]:
 
 
 def _read_json(file: Path) -> Optional[dict]:
+    from lorafit.files import read_json
+
     if not file.is_file():
         return None
-    try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{file} is not valid JSON ({exc}). Re-run the command that wrote it.") from None
+    data = read_json(file, "Results file")
+    if not isinstance(data, dict):
+        raise ConfigError(f"Results file {file} holds a JSON {type(data).__name__}, not the {{task: metrics}} object "
+                          f"lorafit writes. Re-run the command that wrote it.")
+    return data
 
 
 def _train_curve(folder: Path) -> list[tuple[int, float]]:
@@ -76,7 +79,9 @@ def _train_curve(folder: Path) -> list[tuple[int, float]]:
     if not file.is_file():
         return []
     curve = []
-    for line in file.read_text().splitlines():
+    from lorafit.files import read_text
+
+    for line in read_text(file, "Metrics file").splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
@@ -93,7 +98,13 @@ def _run_summary(folder: Path) -> dict[str, str]:
         return {}
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.to_container(OmegaConf.load(file))
+    try:
+        cfg = OmegaConf.to_container(OmegaConf.load(file))
+    except Exception as exc:  # YAML errors come in many types
+        raise ConfigError(f"Run config {file} cannot be read ({' '.join(str(exc).split())[:200]}). It was damaged; "
+                          f"leave that folder out of the report.") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"Run config {file} is not a mapping of config keys. Leave that folder out of the report.")
 
     def name(group: str) -> str:
         node = cfg.get(group) or {}
@@ -162,12 +173,15 @@ def plot_losses(curves: dict[str, list[tuple[int, float]]], file: Path) -> None:
     plt.close(fig)
 
 
-def report(run_dirs: list[str], output_dir: str = "report") -> Path:
+def report(run_dirs: list[str], output_dir: str = "report", overwrite: bool = False) -> Path:
     """``lorafit report``: compare runs; write ``report.md`` (+ ``loss.png``) into ``output_dir``.
 
     Raises:
-        ConfigError: a folder that does not exist or holds neither results.json nor metrics.jsonl.
+        ConfigError: a folder that does not exist or holds neither results.json nor metrics.jsonl, or an
+            output folder that holds anything but an earlier report (replaced only with ``overwrite``).
     """
+    from lorafit.files import new_output, publish
+
     folders = [Path(d) for d in run_dirs]
     for folder in folders:
         if not folder.is_dir():
@@ -178,7 +192,15 @@ def report(run_dirs: list[str], output_dir: str = "report") -> Path:
     labels = _labels(folders)
     results = [_read_json(f / "results.json") or {} for f in folders]
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with new_output(out, "report", overwrite, "--overwrite", protected=folders) as tmp:
+        curves = _write_report(folders, labels, results, tmp)
+        publish(tmp, out, "report", {"runs": [str(f.resolve()) for f in folders]})
+    _print(labels, results, curves, out)
+    return out / "report.md"
+
+
+def _write_report(folders: list[Path], labels: list[str], results: list[dict], out: Path) -> dict:
+    """report.md (and loss.png) into ``out``; the loss curves drawn."""
     parts = ["# lorafit report", "", "Runs: " + ", ".join(f"`{lab}` = {f}" for lab, f in zip(labels, folders)), ""]
     summaries = {lab: _run_summary(f) for lab, f in zip(labels, folders)}
     if any(summaries.values()):
@@ -193,8 +215,7 @@ def report(run_dirs: list[str], output_dir: str = "report") -> Path:
         plot_losses(curves, out / "loss.png")
         parts += ["## Training loss", "", "![training loss](loss.png)", ""]
     (out / "report.md").write_text("\n".join(parts))
-    _print(labels, results, curves, out)
-    return out / "report.md"
+    return curves
 
 
 def _print(labels: list[str], results: list[dict], curves: dict, out: Path) -> None:

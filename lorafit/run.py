@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -14,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lorafit.assemble import assemble, find_adapter_dir, load_adapted
-from lorafit.config import ConfigError, EvalConfig, HardwareConfig, TrainConfig, to_yaml
+from lorafit.config import ConfigError, EvalConfig, HardwareConfig, TrainConfig, as_dict, to_yaml
 from lorafit.data.tasks import tokenize
 from lorafit.evaluate import predict, score
 from lorafit.models import load_model, save_base
@@ -56,16 +57,7 @@ def train(cfg: TrainConfig) -> dict[str, dict]:
     if prepare is not None:
         prepare(cfg)
     run_dir = Path(cfg.output_dir)
-    found = latest_checkpoint(run_dir)
-    if found is not None and not cfg.resume:
-        # Refuse before anything is written: config.yaml and metrics.jsonl belong to that run.
-        raise ConfigError(f"{run_dir} already holds checkpoints (latest: {found.name}). Pass "
-                          f"resume=true to continue that run, or choose another output_dir.")
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        if not cfg.resume:
-            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    claim_run_dir(cfg, accelerator.is_main_process)
     data = cfg.data
     assembled = assemble(cfg.model, cfg.adapter, cfg.init, data.task_type, data.num_labels, seed=cfg.seed)
     if cfg.model.build is not None:
@@ -91,6 +83,108 @@ def train(cfg: TrainConfig) -> dict[str, dict]:
     if accelerator.is_main_process and after:
         print_results(after, before, title=f"{run_dir} (dev)")
     return after
+
+
+# ---------------------------------------------------------------------------------- run folder
+RUN_MARKER = "lorafit_train.json"
+RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "results.json", "adapter", "checkpoints", "cache", "base", "tb",
+               "error.log", RUN_MARKER)
+"""What ``lorafit train`` writes into a run folder; ``overwrite=true`` removes these and nothing else."""
+# Keys that may change on resume without changing the maths of the remaining steps.
+RESUME_HARMLESS = ("output_dir", "resume", "overwrite", "eval_every", "eval_at_start", "save_every", "log_every",
+                   "keep_checkpoints", "progress", "tensorboard", "data.eval_batch_size", "data.max_eval_examples",
+                   "model.name_or_path", "model.tokenizer")   # the base itself is checked by its fingerprint
+RESUME_NOTED = ("hardware.grad_accum_steps", "hardware.device")  # the same update up to round-off
+
+
+def is_run_folder(folder: Path) -> bool:
+    """A folder written by ``lorafit train``: this version's marker, an earlier version's layout, or
+    step checkpoints (a run's ``checkpoints/`` copied elsewhere to resume from)."""
+    return ((folder / RUN_MARKER).is_file() or latest_checkpoint(folder) is not None
+            or ((folder / "config.yaml").is_file() and any(
+                (folder / name).exists() for name in ("adapter", "checkpoints", "metrics.jsonl"))))
+
+
+def claim_run_dir(cfg: TrainConfig, main_process: bool) -> None:
+    """Check that ``output_dir`` may hold this run, then (main process) prepare it.
+
+    A fresh run needs an absent or empty folder, or an earlier lorafit run with ``overwrite=true`` (only
+    the entries of :data:`RUN_ENTRIES` are removed). ``resume=true`` needs a run whose checkpoint config
+    agrees with this one in everything that changes the maths (:func:`check_resume`).
+    """
+    run_dir = Path(cfg.output_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"output_dir={run_dir} is a file, not a folder. Choose another output_dir.")
+    entries = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
+    if entries and not is_run_folder(run_dir):
+        shown = ", ".join(entries[:5]) + (", …" if len(entries) > 5 else "")
+        raise ConfigError(f"output_dir={run_dir} already exists and holds files lorafit did not write ({shown}). "
+                          f"lorafit never deletes or overwrites what it did not write: choose a new or empty "
+                          f"output_dir.")
+    found = latest_checkpoint(run_dir)
+    if entries and cfg.resume:
+        check_resume(cfg, run_dir, found)
+    elif entries and not cfg.overwrite:
+        what = f"checkpoints (latest: {found.name})" if found is not None else "an earlier lorafit run"
+        raise ConfigError(f"output_dir={run_dir} already holds {what}. Pass resume=true to continue that run, "
+                          f"overwrite=true to start afresh there (lorafit's own files in it are deleted), or choose "
+                          f"another output_dir.")
+    if not main_process:
+        return
+    if entries and not cfg.resume:
+        for name in RUN_ENTRIES:
+            target = run_dir / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    from lorafit import __version__
+    (run_dir / RUN_MARKER).write_text(json.dumps({"command": "train", "lorafit_version": __version__}, indent=2))
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+
+
+def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out = {}
+        for key, value in data.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: data}
+
+
+def _total_steps_matter(cfg: TrainConfig) -> bool:
+    """Does anything in the run depend on the number of steps (a decaying lr, a warm-up ratio, a rank budget)?"""
+    optimizer = cfg.optimizer
+    decays = getattr(optimizer, "scheduler", "constant") != "constant" or getattr(optimizer, "warmup_ratio", 0) > 0
+    return decays or bool(getattr(cfg.adapter, "uses_total_steps", False))
+
+
+def check_resume(cfg: TrainConfig, run_dir: Path, found: Optional[Path]) -> None:
+    """Refuse ``resume=true`` if the config differs from the checkpoint's in a key that changes the maths."""
+    from omegaconf import OmegaConf
+
+    source = found / "config.yaml" if found is not None and (found / "config.yaml").is_file() else run_dir / "config.yaml"
+    if not source.is_file():
+        return
+    try:
+        saved = _flat(OmegaConf.to_container(OmegaConf.load(source)))
+    except Exception as exc:  # YAML errors have many types
+        raise ConfigError(f"resume=true: {source} cannot be read ({' '.join(str(exc).split())[:200]}). "
+                          f"Start a new run instead.") from None
+    now = _flat({k: v for k, v in as_dict(cfg).items() if k != "_target_"})
+    differ = [k for k in sorted(saved.keys() & now.keys()) if saved[k] != now[k] and not k.startswith(RESUME_HARMLESS)]
+    if not _total_steps_matter(cfg):
+        differ = [k for k in differ if k not in ("max_steps", "num_epochs")]
+    noted = [k for k in differ if k in RESUME_NOTED]
+    refused = [k for k in differ if k not in RESUME_NOTED]
+    if refused:
+        shown = "; ".join(f"{k}: {saved[k]!r} → {now[k]!r}" for k in refused[:8])
+        raise ConfigError(f"resume=true, but this config differs from the checkpoint's ({source}) in what changes the "
+                          f"training maths: {shown}. Resume with the checkpoint's values, or start a new run "
+                          f"(another output_dir, or overwrite=true there).")
+    for key in noted:
+        console.print(f"note: {key} was {saved[key]!r} and is now {now[key]!r}; the update is the same up to round-off")
 
 
 def _save_unadapted_base(cfg: TrainConfig, assembled: Any, folder: Path) -> None:
@@ -168,7 +262,6 @@ def evaluate_model(path: str, cfg: EvalConfig) -> dict[str, dict]:
     from lorafit.data.commonsense import CommonsenseData
     from lorafit.data.glue import get_task
     from lorafit.data.tasks import GlueData
-    from lorafit.report import write_results
 
     if cfg.suite == "commonsense":
         from lorafit.commonsense_eval import evaluate_commonsense
@@ -188,7 +281,6 @@ def evaluate_model(path: str, cfg: EvalConfig) -> dict[str, dict]:
         data.max_eval_examples = cfg.limit
     tasks = [dataclasses.replace(data, task=t) for t in cfg.tasks] if cfg.tasks else [data]
     accelerator = make_accelerator(cfg.hardware)
-    out_dir = Path(cfg.output_dir) if cfg.output_dir else Path(path)
     results, predictions, kinds = {}, {}, set()
     with Progress(console=console, disable=not accelerator.is_main_process) as progress:
         for task_data in tasks:
@@ -205,12 +297,29 @@ def evaluate_model(path: str, cfg: EvalConfig) -> dict[str, dict]:
                 predictions[name] = result
     if accelerator.is_main_process:
         kind = ", ".join(sorted(kinds))
-        write_results(out_dir, results, title=f"lorafit eval {path} ({kind}), suite={cfg.suite}")
-        if cfg.save_predictions:
-            write_predictions(out_dir / "predictions.jsonl", predictions)
         print_results(results, title=f"{path} [{kind}]")
-        console.print(f"results → {out_dir / 'results.json'}, {out_dir / 'results.md'}")
+        save_eval(path, cfg, results, f"lorafit eval {path} ({kind}), suite={cfg.suite}",
+                  lambda folder: write_predictions(folder / "predictions.jsonl", predictions))
     return results
+
+
+def save_eval(path: str, cfg: EvalConfig, results: dict[str, dict], title: str, write_predictions: Any) -> None:
+    """Write ``results.json`` / ``results.md`` (and predictions) into ``cfg.output_dir``, if set."""
+    from lorafit.files import new_output, publish
+    from lorafit.report import write_results
+
+    if not cfg.output_dir:
+        console.print("results not saved: pass output_dir=DIR to write results.json and results.md")
+        return
+    out = Path(cfg.output_dir)
+    model = Path(path)
+    with new_output(out, "eval", cfg.overwrite, "overwrite=true",
+                    protected=[] if is_run_folder(model) else [model]) as tmp:
+        write_results(tmp, results, title=title)
+        if cfg.save_predictions:
+            write_predictions(tmp)
+        publish(tmp, out, "eval", {"model": str(model.resolve())})
+    console.print(f"results → {out / 'results.json'}, {out / 'results.md'}")
 
 
 def write_predictions(file: Path, predictions: dict[str, dict]) -> None:

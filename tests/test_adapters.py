@@ -415,7 +415,7 @@ def test_resume_mid_schedule_equals_the_uninterrupted_run(name: str, tmp_path: P
 
 def assert_mid_schedule(name: str, checkpoint: Path, step: int) -> None:
     """The checkpoint really is inside the schedule, so resuming from it exercises the saved state."""
-    callback = torch.load(checkpoint / "trainer_state.pt", weights_only=False)["callbacks"][0]
+    callback = torch.load(checkpoint / "trainer_state.pt", weights_only=True)["callbacks"][0]
     adapter = load_file(str(checkpoint / "adapter" / "adapter_model.safetensors"))
     if name == "adalora":
         assert callback["rank_pattern"]                       # budget shrinking (2) or final mask frozen (4)

@@ -475,7 +475,7 @@ def test_merge_of_a_causal_lm_run_loads_with_auto_causal_lm(sft_run: Path, tmp_p
 
 # ------------------------------------------------------------------- 7. checkpoint hygiene
 CHECKPOINT_FILES = {"adapter/adapter_model.safetensors", "adapter/adapter_config.json", "trainer_state.pt",
-                    "rng_state_0.pt"}
+                    "rng_state_0.pt", "config.yaml"}
 
 
 def _files(folder: Path) -> set[str]:
@@ -487,8 +487,8 @@ def test_checkpoints_are_complete_pruned_and_never_left_half_written(tmp_path: P
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000003", "step-000004"]
     for ckpt in (run / "checkpoints").iterdir():
         assert _files(ckpt) == CHECKPOINT_FILES
-        assert torch.load(ckpt / "trainer_state.pt", weights_only=False)["step"] == int(ckpt.name[5:])
-    leftovers = [p for p in run.rglob("*") if p.name.endswith((".tmp", ".old"))]
+        assert torch.load(ckpt / "trainer_state.pt", weights_only=True)["step"] == int(ckpt.name[5:])
+    leftovers = [p for p in run.rglob("*") if p.name.endswith((".tmp", ".old", ".lorafit-new", ".lorafit-old"))]
     assert leftovers == []
 
 

@@ -58,6 +58,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lorafit.config import ConfigError, ModelConfig, check_choice
 from lorafit.data.tasks import DataCommon, alpaca_prompt, encode_sft
+from lorafit.files import read_text
 from lorafit.metrics import accuracy
 
 QUESTION_ANSWER = "Question: {context}\nAnswer:"
@@ -238,7 +239,7 @@ def read_commonsense(root: str | Path, task: str, split: str = "test") -> list[d
                 if folder.is_dir() else f"There is no {spec.name}/ folder in {path.parent.parent}.")
         raise ConfigError(f"Commonsense file {path} does not exist. data.path must point at the folder holding the "
                           f"LLM-Adapters task folders (<data.path>/{spec.name}/{split}.json). {hint}")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, "Commonsense file")
     if not text.strip():
         raise ConfigError(f"Commonsense file {path} is empty. It must be a JSON list of {{instruction, input, "
                           f"output, answer}} rows; download it again.")

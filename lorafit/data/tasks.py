@@ -14,7 +14,6 @@ run folder), and :func:`collate` pads each micro-batch to its own longest sequen
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -110,10 +109,10 @@ class GlueData(DataCommon):
         return f"{self.task}_{split.removeprefix('dev_')}"
 
     def rows(self, split: str) -> list[dict]:
-        if self.path:
-            rows = glue.read_glue_split(self.task, self.path, split)
-        else:
-            rows = glue.load_glue_hub(self.task, split)
+        try:
+            rows = glue.read_glue_split(self.task, self.path, split) if self.path else glue.load_glue_hub(self.task, split)
+        except (OSError, ValueError) as exc:  # glue's own messages name the file, line and fix
+            raise ConfigError(str(exc)) from None
         return self.limited(rows, split)
 
     def encode(self, row: dict, tokenizer: PreTrainedTokenizerBase) -> dict:
@@ -221,22 +220,11 @@ def encode_sft(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str, m
 
 def read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
     """Read a JSON list or JSONL file; name the file, row and field of any malformed example."""
-    if not path.is_file():
+    from lorafit.files import read_rows
+
+    if not Path(path).is_file():
         raise ConfigError(f"Data file {path} does not exist. Point data.path at an existing file or folder.")
-    text = path.read_text(encoding="utf-8")
-    if not text.strip():
-        raise ConfigError(f"Data file {path} is empty.")
-    try:
-        rows = json.loads(text) if text.lstrip().startswith("[") else [
-            json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"Data file {path} is not valid JSON/JSONL: {exc}.") from None
-    for i, row in enumerate(rows):
-        missing = [k for k in required if not isinstance(row, dict) or k not in row]
-        if missing:
-            raise ConfigError(f"Data file {path}, row {i}: missing field(s) {', '.join(missing)} "
-                              f"(required: {', '.join(required)}).")
-    return rows
+    return read_rows(Path(path), required)
 
 
 def tokenize(data: Any, split: str, tokenizer: PreTrainedTokenizerBase, cache_dir: Optional[Path]):

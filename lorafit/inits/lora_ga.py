@@ -39,6 +39,7 @@ from lorafit.adapters.lora import LoRALinear
 from lorafit.config import as_dict, check_range, to_yaml
 from lorafit.data.tasks import collate, count_loss_units
 from lorafit.evaluate import forward_logits, task_loss
+from lorafit.files import load_state
 from lorafit.inits.basic import _lora_factors
 from lorafit.train.callbacks import Callback
 
@@ -189,7 +190,7 @@ class GradientInit(Callback):
     def read_cache(self, key: dict) -> Optional[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
         if not self.cfg.cache or not Path(self.cfg.cache).is_file():
             return None
-        saved = torch.load(self.cfg.cache, weights_only=False)
+        saved = load_state(Path(self.cfg.cache), "LoRA-GA cache (init.cache)")
         if saved.get("key") != key:
             console.print(f"[yellow]init.cache={self.cfg.cache} was computed for another base, adapter, data or "
                           f"init setting; computing LoRA-GA again and overwriting it[/]")

@@ -15,7 +15,6 @@ LoRA-adapted backbone with a scalar head, trained on human preference pairs).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -27,6 +26,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lorafit.config import ConfigError, check_range
 from lorafit.data.tasks import DataCommon, collate
+from lorafit.files import read_rows
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
          "system": "system", "observation": "user", "function_call": "assistant"}
@@ -60,12 +60,7 @@ def read_preferences(path: Path) -> list[dict]:
     if not path.is_file():
         raise ConfigError(f"Preference file {path} does not exist. Point data.path at a sharegpt-style JSON "
                           f"(conversations, chosen, rejected) or a JSONL of {{prompt, chosen, rejected}}.")
-    text = path.read_text(encoding="utf-8")
-    try:
-        rows = json.loads(text) if text.lstrip().startswith("[") else [
-            json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"Preference file {path} is not valid JSON/JSONL: {exc}.") from None
+    rows = read_rows(path, what="Preference file")
     pairs = []
     for i, row in enumerate(rows):
         where = f"Preference file {path}, row {i}"

@@ -1,9 +1,11 @@
 """Step checkpoints: adapter + optimizer/scheduler/RNG/callback state, written atomically.
 
-``RUN/checkpoints/step-000050/`` holds the adapter files (as ``RUN/adapter/``), and
-``trainer_state.pt`` (optimizer, scheduler, step, callbacks) plus ``rng_state_<rank>.pt`` for each
-process. A checkpoint is written into ``step-000050.tmp`` and renamed when complete, so a run
-killed at any moment leaves either the previous checkpoint or the new one, never half of one.
+``RUN/checkpoints/step-000050/`` holds the adapter files (as ``RUN/adapter/``), the run's
+``config.yaml``, and ``trainer_state.pt`` (optimizer, scheduler, step, callbacks, process layout)
+plus ``rng_state_<rank>.pt`` for each process. Every ``.pt`` file holds tensors and plain Python
+data only, and is read with ``torch.load(weights_only=True)``: a checkpoint from an untrusted source
+cannot run code. A checkpoint is written into ``step-000050.tmp`` and renamed when complete, so a
+run killed at any moment leaves either the previous checkpoint or the new one, never half of one.
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's random states as tensors and plain data (numpy's array becomes a list)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [name, keys.tolist(), pos, has_gauss, gauss],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -29,7 +34,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -18,6 +18,11 @@ Normalising by the global count makes the gradient the exact mean over the globa
 one process, two processes or several accumulation steps give the same update up to round-off,
 and the data order depends only on the step, so a resumed run sees exactly the batches an
 uninterrupted one would.
+
+Faults: a step whose loss (or, outside fp16 loss scaling, gradient norm) is NaN or inf stops the
+run before the optimizer applies it (:class:`~lorafit.config.ConfigError` naming the step); the
+last checkpoint stays as it was and no final adapter is written. SIGINT/SIGTERM let the current
+step finish, write a checkpoint and raise :class:`Interrupted`.
 """
 
 from __future__ import annotations
@@ -26,9 +31,11 @@ import contextlib
 import json
 import math
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from accelerate import Accelerator
@@ -36,15 +43,33 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from lorafit.adapters import load_adapter_state, trainable_parameters
-from lorafit.assemble import Assembled, save_adapter
-from lorafit.config import ConfigError, TrainConfig
+from lorafit.assemble import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Assembled, save_adapter
+from lorafit.config import ConfigError, TrainConfig, to_yaml
 from lorafit.data.tasks import collate, count_loss_units
 from lorafit.evaluate import forward_logits, predict, score, task_loss
+from lorafit.files import fault_point, load_state, load_tensors, read_json
 from lorafit.train.callbacks import Callback
 from lorafit.train.checkpoint import (checkpoint_dir, latest_checkpoint, prune_checkpoints, rng_state,
                                       set_rng_state)
 
 console = Console(stderr=True)
+
+
+class Interrupted(Exception):
+    """Training stopped on SIGINT/SIGTERM after writing a checkpoint (the message says where)."""
+
+
+def diverged(step: int, loss: float, grad_norm: Optional[float], cfg: TrainConfig, last: Optional[Path]) -> ConfigError:
+    """The paragraph for a step whose loss or gradient is not finite."""
+    what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {grad_norm}"
+    kept = (f"The last checkpoint, {last}, is intact" if last is not None else "No checkpoint was written before it")
+    lr = getattr(cfg.optimizer, "lr", None)
+    cause = (f"the learning rate (optimizer.lr={lr}) is too high for this model and data" if lr is not None
+             else "the step rule's settings let the step grow too large")
+    fp16 = " or fp16 overflowed (try hardware.mixed_precision=bf16)" if cfg.hardware.mixed_precision == "fp16" else ""
+    return ConfigError(f"Training diverged at step {step + 1}: {what}. The update was not applied. {kept}; no "
+                       f"final adapter was written. The likely cause: {cause}{fp16}. Train again with a lower "
+                       f"optimizer.lr, or with gradient clipping (max_grad_norm=1.0).")
 
 
 class Trainer:
@@ -141,11 +166,16 @@ class Trainer:
                             loss = loss + extra
                 acc.backward(loss)
             loss_total += summed.detach()
+        mean_loss = acc.reduce(loss_total, "sum").item() / max(global_units, 1.0)
         for cb in self.callbacks:
             cb.after_backward(self)
         grad_norm = None
         if self.cfg.max_grad_norm > 0:
             grad_norm = float(acc.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
+        scaled = self.cfg.hardware.mixed_precision == "fp16"  # fp16 loss scaling skips inf gradients itself
+        if not math.isfinite(mean_loss) or (grad_norm is not None and not math.isfinite(grad_norm) and not scaled):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise diverged(self.step, mean_loss, grad_norm, self.cfg, latest_checkpoint(self.run_dir))
         for cb in self.callbacks:
             cb.before_optimizer_step(self)
         self.optimizer.step()
@@ -154,7 +184,6 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        mean_loss = acc.reduce(loss_total, "sum").item() / max(global_units, 1.0)
         return {"loss": mean_loss, "grad_norm": grad_norm}
 
     # ----------------------------------------------------------------- the loop
@@ -166,9 +195,11 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         start_step = self.step
         t0 = time.perf_counter()
-        with self.progress_bar() as progress:
+        with self.progress_bar() as progress, self.stop_on_signals():
             task_id = progress.add_task("train", total=self.total_steps, completed=self.step, info="")
             while self.step < self.total_steps:
+                if self.stop_requested():
+                    self.stop()
                 t_step = time.perf_counter()
                 stats = self.train_step(self.step_batches(self.step))
                 stats.update(step=self.step, epoch=self.step / self.steps_per_epoch,
@@ -192,6 +223,50 @@ class Trainer:
             console.print(f"[green]done[/]: {steps} steps in {time.perf_counter() - t0:.1f}s; "
                           f"adapter in {self.run_dir / 'adapter'}")
         return results
+
+    # ----------------------------------------------------------------- signals
+    @contextlib.contextmanager
+    def stop_on_signals(self):
+        """While training, SIGINT/SIGTERM ask the loop to stop after the current step (a second
+        SIGINT stops at once)."""
+        self._signal: Optional[str] = None
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request(signum: int, frame: Any) -> None:
+            if self._signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self._signal = signal.Signals(signum).name
+            if self.accelerator.is_main_process:
+                console.print(f"\n[yellow]{self._signal}: stopping after step {self.step + 1}, writing a checkpoint "
+                              f"(press Ctrl-C again to stop at once)[/]")
+
+        previous = {sig: signal.signal(sig, request) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def stop_requested(self) -> bool:
+        """Did any process receive a stop signal? (All processes must agree before stopping.)"""
+        asked = self._signal is not None
+        if self.accelerator.num_processes > 1:
+            flag = torch.tensor(float(asked), device=self.accelerator.device)
+            asked = bool(self.accelerator.reduce(flag, "sum").item() > 0)
+        return asked
+
+    def stop(self) -> None:
+        """Write a checkpoint of the current step and raise :class:`Interrupted`."""
+        found = latest_checkpoint(self.run_dir)
+        folder = found if found is not None and found == checkpoint_dir(self.run_dir, self.step) else None
+        if folder is None and self.step > 0:
+            folder = self.save_checkpoint()
+        where = (f"The checkpoint of step {self.step} is in {folder}." if folder is not None
+                 else "No step was completed, so there is nothing to resume.")
+        raise Interrupted(f"Training stopped by {self._signal or 'a signal'} after step {self.step} of "
+                          f"{self.total_steps}. {where}")
 
     def evaluate(self) -> dict[str, dict]:
         results = {}
@@ -256,13 +331,17 @@ class Trainer:
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a run killed while saving this step
             save_adapter(tmp / "adapter", self.unwrapped(), self.assembled.meta)
+            (tmp / "config.yaml").write_text(to_yaml(self.cfg))
             torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
                         "scheduler": self.scheduler.state_dict(),
-                        "callbacks": [cb.state_dict() for cb in self.callbacks]}, tmp / "trainer_state.pt")
+                        "callbacks": [cb.state_dict() for cb in self.callbacks],
+                        "num_processes": acc.num_processes, "grad_accum_steps": self.cfg.hardware.grad_accum_steps},
+                       tmp / "trainer_state.pt")
         acc.wait_for_everyone()
         torch.save(rng_state(), tmp / f"rng_state_{acc.process_index}.pt")
         acc.wait_for_everyone()
         if acc.is_main_process:
+            fault_point("checkpoint:written")
             tmp.rename(final)
             prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints)
         for cb in self.callbacks:
@@ -278,9 +357,14 @@ class Trainer:
             if self.accelerator.is_main_process:
                 console.print(f"[yellow]resume=true but no checkpoint in {self.run_dir}; starting from step 0[/]")
             return
-        from safetensors.torch import load_file
-        load_adapter_state(self.unwrapped(), load_file(str(found / "adapter" / "adapter_model.safetensors")))
-        state = torch.load(found / "trainer_state.pt", weights_only=False)
+        saved_meta = read_json(found / "adapter" / ADAPTER_CONFIG, "Checkpoint adapter config")
+        if saved_meta.get("base_fingerprint") != self.assembled.meta["base_fingerprint"]:
+            raise ConfigError(f"resume=true: the base model '{self.cfg.model.name_or_path}' is not the one the checkpoint "
+                              f"{found} was trained on (weights fingerprint {self.assembled.meta['base_fingerprint']}, "
+                              f"expected {saved_meta.get('base_fingerprint')}). Point model.name_or_path at the original "
+                              f"base ('{saved_meta.get('base_model')}').")
+        load_adapter_state(self.unwrapped(), load_tensors(found / "adapter" / ADAPTER_WEIGHTS, "Checkpoint adapter file"))
+        state = load_state(found / "trainer_state.pt")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         for cb, cb_state in zip(self.callbacks, state["callbacks"]):
@@ -288,6 +372,11 @@ class Trainer:
         self.step = state["step"]
         rng_file = found / f"rng_state_{self.accelerator.process_index}.pt"
         if rng_file.is_file():
-            set_rng_state(torch.load(rng_file, weights_only=False))
+            set_rng_state(load_state(rng_file))
         if self.accelerator.is_main_process:
             console.print(f"resumed from {found} (step {self.step} of {self.total_steps})")
+            layout = {"processes": (state.get("num_processes"), self.accelerator.num_processes),
+                      "hardware.grad_accum_steps": (state.get("grad_accum_steps"), self.cfg.hardware.grad_accum_steps)}
+            for key, (before, now) in layout.items():
+                if before is not None and before != now:
+                    console.print(f"note: {key} was {before} and is now {now}; the update is the same up to round-off")
