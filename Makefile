@@ -19,10 +19,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The embedded default: MiniLM + LoRA on the shipped sentiment set, then merge and evaluate.
+# Re-runnable: each step replaces its own earlier output (and nothing else) on a second run.
 demo: install
-	$(BIN)/lorafit train output_dir=$(RUN)
-	$(BIN)/lorafit merge $(RUN) $(RUN)/merged
-	$(BIN)/lorafit eval $(RUN)/merged data=sentiment_demo output_dir=$(RUN)/eval_merged
+	$(BIN)/lorafit train output_dir=$(RUN) overwrite=true
+	$(BIN)/lorafit merge $(RUN) $(RUN)-merged --overwrite
+	$(BIN)/lorafit eval $(RUN)-merged data=sentiment_demo output_dir=$(RUN)-eval overwrite=true
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q

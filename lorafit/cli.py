@@ -198,7 +198,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from lorafit.config import validate
     from lorafit.run import train
 
-    cfg = validate(compose("train", args.overrides, args.recipe))
+    composed = compose("train", args.overrides, args.recipe)
+    try:
+        cfg = validate(composed)
+    except ConfigError as exc:
+        if args.recipe is None:
+            raise
+        raise ConfigError(f"{exc} (The config came from the recipe {args.recipe} and the command line.)") from None
     args.log_dir = cfg.output_dir
     train(cfg)
     return 0
@@ -289,7 +295,8 @@ def say(command: str, label: str, text: str) -> None:
     from rich.console import Console
     from rich.markup import escape  # a value like `[bold]x` in the message is text, not markup
 
-    Console(stderr=True).print(f"[bold red]lorafit {command}: {label}:[/] {escape(text)}", highlight=False)
+    # soft_wrap: no line breaks inside words, so a long path stays whole and copyable
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]lorafit {command}: {label}:[/] {escape(text)}", highlight=False)
 
 
 def crash_log(log_dir: Optional[str]) -> Path:
@@ -331,7 +338,12 @@ def run_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
     except KeyboardInterrupt:
         say(args.command, "interrupted", "Stopped by Ctrl-C.")
         return 130
-    except Exception:  # a bug: keep the traceback for the report, show a short paragraph
+    except Exception as exc:
+        if _in_process_group() and _peer_failed(exc):
+            say(args.command, "stopped", "Another process of this run failed (its message is above), so this one "
+                                         "stopped too.")
+            return 2
+        # a bug: keep the traceback for the report, show a short paragraph
         log = crash_log(getattr(args, "log_dir", None))
         log.write_text(f"lorafit {' '.join(shlex.quote(w) for w in argv)}\n\n{traceback.format_exc()}")
         kind, value = sys.exc_info()[:2]
@@ -358,6 +370,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
+
+
+def _peer_failed(exc: BaseException) -> bool:
+    """Did a collective fail because another process died (rather than through a fault of this one)?"""
+    import torch.distributed as dist
+
+    text = str(exc)
+    return isinstance(exc, getattr(dist, "DistError", ())) or "closed by peer" in text or "remote worker" in text
 
 
 def _in_process_group() -> bool:

@@ -44,7 +44,7 @@ from lorafit.data.tasks import alpaca_prompt
 from lorafit.evaluate import predict
 from lorafit.metrics import accuracy
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 PROTOCOL_OF_TASK = {"multiple_choice": "mc_head", "causal_lm": "loglik"}
 TASK_OF_PROTOCOL = {"mc_head": "multiple_choice", "loglik": "causal_lm", "generate": "causal_lm"}
@@ -289,6 +289,8 @@ def load_for_protocol(path: str, protocol: str) -> tuple[nn.Module, PreTrainedTo
     from transformers.models.auto.modeling_auto import MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES
 
     from lorafit.assemble import find_adapter_dir, load_adapted
+    from lorafit.models import from_pretrained
+    from lorafit.run import EVAL_FIX
 
     adapter_dir = find_adapter_dir(path)
     if adapter_dir is not None:
@@ -307,14 +309,14 @@ def load_for_protocol(path: str, protocol: str) -> tuple[nn.Module, PreTrainedTo
     if not (Path(path) / "config.json").is_file():
         raise ConfigError(f"'{path}' is neither a lorafit run folder (adapter/adapter_config.json) nor a Hugging "
                           f"Face model folder (config.json). Give a run folder, a merged folder or a base model.")
-    config = AutoConfig.from_pretrained(path)
+    config = from_pretrained(AutoConfig.from_pretrained, path, "a model config", EVAL_FIX)
     architectures = config.architectures or []
     has_mc = config.model_type in MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES
     trained_mc = any(a.endswith("ForMultipleChoice") for a in architectures)
     causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures) or not has_mc
     if protocol == "auto":
         protocol = "mc_head" if trained_mc or not causal else "loglik"
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = from_pretrained(AutoTokenizer.from_pretrained, path, "a tokenizer", EVAL_FIX)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     if protocol == "mc_head":
@@ -324,12 +326,12 @@ def load_for_protocol(path: str, protocol: str) -> tuple[nn.Module, PreTrainedTo
         if not trained_mc:
             console.print(f"[yellow]warning:[/] {path} has no trained multiple-choice head; a new random head is "
                           f"used, so scores are near chance. Fine-tune one with `lorafit train data=commonsense`.")
-        model = AutoModelForMultipleChoice.from_pretrained(path)
+        model = from_pretrained(AutoModelForMultipleChoice.from_pretrained, path, "the model", EVAL_FIX)
     else:
         if not causal:
             raise ConfigError(f"protocol={protocol} needs a causal language model; {path} is a {config.model_type} "
                               f"encoder. Use protocol=mc_head.")
-        model = AutoModelForCausalLM.from_pretrained(path)
+        model = from_pretrained(AutoModelForCausalLM.from_pretrained, path, "the model", EVAL_FIX)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer, "plain", protocol

@@ -22,7 +22,7 @@ from lorafit.assemble import find_adapter_dir, load_adapted, run_folder
 from lorafit.config import ConfigError
 from lorafit.files import check_free_space, fault_point, new_output, publish
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 PROBE_TEXTS = [
     "The quick brown fox jumps over the lazy dog.",

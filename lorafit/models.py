@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -55,14 +55,23 @@ def _override_dropout(config: PretrainedConfig, p: float) -> None:
             setattr(config, key, p)
 
 
+def from_pretrained(load: Callable[..., Any], source: str, what: str, fix: str, **kwargs: Any) -> Any:
+    """``load(source, **kwargs)`` (a ``from_pretrained``), with a missing, offline or damaged folder or
+    hub id turned into one paragraph naming it."""
+    from safetensors import SafetensorError
+
+    try:
+        return load(source, **kwargs)
+    except (OSError, ValueError, SafetensorError) as exc:
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise ConfigError(f"Could not load {what} from '{source}': {reason} {fix}") from None
+
+
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     source = cfg.tokenizer or cfg.name_or_path
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"Could not load a tokenizer from '{source}': {str(exc).splitlines()[0]} "
-                          f"Set model.tokenizer (or model.name_or_path) to a folder holding tokenizer files, "
-                          f"or a hub id if this machine has a network.") from None
+    tokenizer = from_pretrained(AutoTokenizer.from_pretrained, source, "a tokenizer",
+                                "Set model.tokenizer (or model.name_or_path) to a folder holding tokenizer files, "
+                                "or a hub id if this machine has a network.", trust_remote_code=cfg.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return tokenizer
@@ -96,16 +105,14 @@ def load_model(cfg: ModelConfig, task: str, num_labels: int = 2, seed: int = 0,
             _override_dropout(config, cfg.dropout)
         model = auto_cls.from_config(config)
     else:
-        try:
-            config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code, **extra)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"Could not load a model config from model.name_or_path='{cfg.name_or_path}': "
-                              f"{str(exc).splitlines()[0]} Give a local Hugging Face folder (with config.json) "
-                              f"or a hub id on a machine with a network.") from None
+        fix = ("Give a local Hugging Face folder (config.json and weights) or a hub id on a machine with a "
+               "network in model.name_or_path.")
+        config = from_pretrained(AutoConfig.from_pretrained, cfg.name_or_path, "a model config", fix,
+                                 trust_remote_code=cfg.trust_remote_code, **extra)
         if cfg.dropout is not None:
             _override_dropout(config, cfg.dropout)
-        model = auto_cls.from_pretrained(cfg.name_or_path, config=config, dtype=DTYPES[cfg.dtype],
-                                         trust_remote_code=cfg.trust_remote_code)
+        model = from_pretrained(auto_cls.from_pretrained, cfg.name_or_path, "the model weights", fix, config=config,
+                                dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code)
     if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model

@@ -228,4 +228,4 @@ def _print(labels: list[str], results: list[dict], curves: dict, out: Path) -> N
                                       for v in values])
     Console().print(table)
     extra = f", {out / 'loss.png'}" if curves else ""
-    Console(stderr=True).print(f"report → {out / 'report.md'}{extra}")
+    Console(stderr=True, soft_wrap=True).print(f"report → {out / 'report.md'}{extra}")

@@ -18,11 +18,11 @@ from lorafit.assemble import assemble, find_adapter_dir, load_adapted
 from lorafit.config import ConfigError, EvalConfig, HardwareConfig, TrainConfig, as_dict, to_yaml
 from lorafit.data.tasks import tokenize
 from lorafit.evaluate import predict, score
-from lorafit.models import load_model, save_base
+from lorafit.models import from_pretrained, load_model, save_base
 from lorafit.train.checkpoint import latest_checkpoint
 from lorafit.train.trainer import Trainer
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 
 def make_accelerator(hardware: HardwareConfig) -> Accelerator:
@@ -57,7 +57,7 @@ def train(cfg: TrainConfig) -> dict[str, dict]:
     if prepare is not None:
         prepare(cfg)
     run_dir = Path(cfg.output_dir)
-    claim_run_dir(cfg, accelerator.is_main_process)
+    claim_run_dir(cfg, accelerator)
     data = cfg.data
     assembled = assemble(cfg.model, cfg.adapter, cfg.init, data.task_type, data.num_labels, seed=cfg.seed)
     if cfg.model.build is not None:
@@ -105,8 +105,9 @@ def is_run_folder(folder: Path) -> bool:
                 (folder / name).exists() for name in ("adapter", "checkpoints", "metrics.jsonl"))))
 
 
-def claim_run_dir(cfg: TrainConfig, main_process: bool) -> None:
-    """Check that ``output_dir`` may hold this run, then (main process) prepare it.
+def claim_run_dir(cfg: TrainConfig, accelerator: Accelerator) -> None:
+    """Check that ``output_dir`` may hold this run (every process, before any writes), then (main
+    process) prepare it.
 
     A fresh run needs an absent or empty folder, or an earlier lorafit run with ``overwrite=true`` (only
     the entries of :data:`RUN_ENTRIES` are removed). ``resume=true`` needs a run whose checkpoint config
@@ -122,16 +123,18 @@ def claim_run_dir(cfg: TrainConfig, main_process: bool) -> None:
                           f"lorafit never deletes or overwrites what it did not write: choose a new or empty "
                           f"output_dir.")
     found = latest_checkpoint(run_dir)
-    if entries and cfg.resume:
+    continuing = bool(entries) and cfg.resume and found is not None
+    if continuing:
         check_resume(cfg, run_dir, found)
-    elif entries and not cfg.overwrite:
+    elif entries and not (cfg.overwrite or cfg.resume):
         what = f"checkpoints (latest: {found.name})" if found is not None else "an earlier lorafit run"
         raise ConfigError(f"output_dir={run_dir} already holds {what}. Pass resume=true to continue that run, "
                           f"overwrite=true to start afresh there (lorafit's own files in it are deleted), or choose "
                           f"another output_dir.")
-    if not main_process:
-        return
-    if entries and not cfg.resume:
+    accelerator.wait_for_everyone()   # every process has looked before the main one writes
+    if not accelerator.is_main_process or continuing:
+        return  # when continuing, the trainer rewrites config.yaml once the checkpoint has loaded
+    if entries:   # overwrite=true, or resume=true of a run that never wrote a checkpoint: start afresh
         for name in RUN_ENTRIES:
             target = run_dir / name
             if target.is_dir():
@@ -218,6 +221,8 @@ def _fmt(value: Any) -> str:
 
 
 # ------------------------------------------------------------------------------------- eval
+EVAL_FIX = "Give a Hugging Face model folder (config.json, weights, tokenizer files), a run folder or a merged folder."
+
 def load_for_eval(path: str, data: Any) -> tuple[Any, Any, str]:
     """A model to score: a run / adapter folder (adapter applied, not merged) or a plain HF folder."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -232,19 +237,20 @@ def load_for_eval(path: str, data: Any) -> tuple[Any, Any, str]:
     if not (Path(path) / "config.json").is_file():
         raise ConfigError(f"'{path}' is neither a lorafit run folder (adapter/adapter_config.json) nor a Hugging "
                           f"Face model folder (config.json). Give a run folder, a merged folder or a base model.")
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = from_pretrained(AutoTokenizer.from_pretrained, path, "a tokenizer", EVAL_FIX)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     if data.task_type == "causal_lm":
-        return AutoModelForCausalLM.from_pretrained(path), tokenizer, "plain"
-    config = AutoConfig.from_pretrained(path)
+        return from_pretrained(AutoModelForCausalLM.from_pretrained, path, "the model", EVAL_FIX), tokenizer, "plain"
+    config = from_pretrained(AutoConfig.from_pretrained, path, "a model config", EVAL_FIX)
     expected = 1 if data.task_type == "regression" else data.num_labels
     has_head = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
     if not has_head or config.num_labels != expected:
         console.print(f"[yellow]warning:[/] {path} has no trained {expected}-label classification head; "
                       f"a new random head is used, so scores are near chance.")
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=expected, ignore_mismatched_sizes=True,
+    model = from_pretrained(
+        AutoModelForSequenceClassification.from_pretrained, path, "the model", EVAL_FIX, num_labels=expected,
+        ignore_mismatched_sizes=True,
         **({"problem_type": "regression"} if data.task_type == "regression" else {}))
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id

@@ -43,7 +43,7 @@ from lorafit.files import load_state
 from lorafit.inits.basic import _lora_factors
 from lorafit.train.callbacks import Callback
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 
 @dataclass

@@ -334,7 +334,7 @@ class TrustRegionStep(Callback):
                 switched += 1
         if switched and trainer.accelerator.is_main_process:
             from rich.console import Console
-            Console(stderr=True).print(f"[yellow]optimizer=ctr: dropout switched off in {switched} module(s)[/] "
+            Console(stderr=True, soft_wrap=True).print(f"[yellow]optimizer=ctr: dropout switched off in {switched} module(s)[/] "
                                        "(ρ compares two losses of one deterministic function)")
 
     def after_backward(self, trainer: Any) -> None:

@@ -52,7 +52,7 @@ from lorafit.train.callbacks import Callback
 from lorafit.train.checkpoint import (checkpoint_dir, latest_checkpoint, prune_checkpoints, rng_state,
                                       set_rng_state)
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 
 class Interrupted(Exception):
@@ -374,9 +374,9 @@ class Trainer:
         if rng_file.is_file():
             set_rng_state(load_state(rng_file))
         if self.accelerator.is_main_process:
+            (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
             console.print(f"resumed from {found} (step {self.step} of {self.total_steps})")
-            layout = {"processes": (state.get("num_processes"), self.accelerator.num_processes),
-                      "hardware.grad_accum_steps": (state.get("grad_accum_steps"), self.cfg.hardware.grad_accum_steps)}
-            for key, (before, now) in layout.items():
-                if before is not None and before != now:
-                    console.print(f"note: {key} was {before} and is now {now}; the update is the same up to round-off")
+            before = state.get("num_processes")
+            if before is not None and before != self.accelerator.num_processes:
+                console.print(f"note: the run had {before} process(es) and now has {self.accelerator.num_processes}; "
+                              f"the update is the same up to round-off")
