@@ -25,14 +25,13 @@ import traceback
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from lorafit.config import GROUP_ALIASES, GROUPS, ConfigError
-
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+from lorafit.config import CONFIG_DIR, GROUP_ALIASES, GROUPS, KEY_ALIASES, ConfigError
 
 
 def rewrite_overrides(overrides: Sequence[str], groups: Sequence[str] = GROUPS) -> list[str]:
     """``+adapter=dora`` → ``adapter=dora``; ``optim=ctr`` / ``optim.lr=1`` → ``optimizer=...``;
-    ``model.dropout=0`` → ``++model.dropout=0`` (group keys are checked by the schema, not the YAML).
+    ``reward.run=R`` → ``task.reward.run=R``; ``model.dropout=0`` → ``++model.dropout=0`` (group keys
+    are checked by the schema, not the YAML).
 
     The groups already have a default in ``train.yaml``, so Hydra's "append" form (``+group=x``)
     would fail; both spellings mean "choose option x" here.
@@ -43,6 +42,9 @@ def rewrite_overrides(overrides: Sequence[str], groups: Sequence[str] = GROUPS) 
         plus = key.startswith("+") and not key.startswith("++")
         bare = key[1:] if plus else key
         head, dot, rest = bare.partition(".")
+        if dot and head in KEY_ALIASES:     # reward.run=X → task.reward.run=X
+            head, _, more = KEY_ALIASES[head].partition(".")
+            rest = more + "." + rest
         head = GROUP_ALIASES.get(head, head)
         bare = head + dot + rest
         if plus and head in groups and not dot:
@@ -228,15 +230,15 @@ def eval_overrides(overrides: Sequence[str]) -> list[str]:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from lorafit.config import EvalConfig, validate
-    from lorafit.run import evaluate_model
+    from lorafit.eval import evaluate
 
     cfg = validate(compose("eval", eval_overrides(args.overrides)), EvalConfig, groups=("data", "hardware"))
-    evaluate_model(args.model, cfg)
+    evaluate(args.model, cfg)
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from lorafit.report import report
+    from lorafit.eval.report import report
 
     report(args.run_dirs, args.output_dir, overwrite=args.overwrite)
     return 0
@@ -292,11 +294,11 @@ OUT_OF_MEMORY_FIX = ("Lower data.batch_size (or keep it and raise hardware.grad_
 
 def say(command: str, label: str, text: str) -> None:
     """One paragraph on stderr: ``lorafit COMMAND: LABEL: text``."""
-    from rich.console import Console
     from rich.markup import escape  # a value like `[bold]x` in the message is text, not markup
 
-    # soft_wrap: no line breaks inside words, so a long path stays whole and copyable
-    Console(stderr=True, soft_wrap=True).print(f"[bold red]lorafit {command}: {label}:[/] {escape(text)}", highlight=False)
+    from lorafit.console import console
+
+    console.print(f"[bold red]lorafit {command}: {label}:[/] {escape(text)}", highlight=False)
 
 
 def crash_log(log_dir: Optional[str]) -> Path:

@@ -23,11 +23,14 @@ from typing import Any, Iterable, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+"""The option files of every group (``configs/<group>/<option>.yaml``) and ``train.yaml`` / ``eval.yaml``."""
 GROUPS = ("model", "adapter", "init", "optimizer", "data", "hardware", "task")
-# Nodes validated like groups when present but chosen by no group option of their own:
-# ``reward`` comes with ``task=rl`` (configs/task/rl.yaml writes it at the top level).
-OPTIONAL_NODES = ("reward",)
 GROUP_ALIASES = {"optim": "optimizer"}
+KEY_ALIASES = {"reward": "task.reward"}
+"""Top-level keys of earlier versions and where they live now (``reward.run=`` is ``task.reward.run=``)."""
+RENAMED_TARGETS = {"lorafit.data.tasks.": "lorafit.data.options.", "lorafit.config.SupervisedTask": "lorafit.task.SupervisedTask"}
+"""Schema paths of earlier versions (in the ``config.yaml`` of older runs) and their present home."""
 
 
 class ConfigError(ValueError):
@@ -109,18 +112,6 @@ class ModelConfig:
 
 
 @dataclass
-class SupervisedTask:
-    """``task=supervised`` (the default): minimise the data option's own loss (cross-entropy,
-    squared error or next-token loss); the trainer's built-in step does all the work."""
-
-    def prepare(self, cfg: Any) -> None:
-        """Refuse data that only a special task can train on (``data=preference``)."""
-        if getattr(cfg.data, "task_type", None) == "reward":
-            raise ConfigError("data=preference holds preference pairs, which train a reward model: add task=reward "
-                              "(e.g. `lorafit train task=reward data=preference data.path=FILE`).")
-
-
-@dataclass
 class HardwareConfig:
     """Where and how the loop runs (mapped onto ``accelerate.Accelerator``).
 
@@ -140,6 +131,15 @@ class HardwareConfig:
         check_choice("hardware.mixed_precision", self.mixed_precision, ["no", "bf16", "fp16"])
         check_range("hardware.grad_accum_steps", self.grad_accum_steps, 1)
 
+    def accelerator(self) -> Any:
+        """The ``accelerate.Accelerator`` of this process for these settings."""
+        import torch
+        from accelerate import Accelerator
+
+        if self.device == "gpu" and not torch.cuda.is_available():
+            raise ConfigError("hardware=gpu but no CUDA device is visible. Use hardware=cpu (or hardware=auto).")
+        return Accelerator(cpu=self.device == "cpu", mixed_precision=self.mixed_precision)
+
 
 @dataclass
 class TrainConfig:
@@ -147,8 +147,8 @@ class TrainConfig:
 
     Attributes:
         task: what is optimised: ``supervised`` (the data's own loss), ``reward`` (a pairwise
-            reward model) or ``rl`` (a policy against a reward; ``lorafit.rlhf``).
-        reward: ``task=rl`` only: where rewards come from (``reward.run`` / ``reward.function``).
+            reward model) or ``rl`` (a policy against a reward, ``task.reward.run`` /
+            ``task.reward.function``; ``lorafit.rlhf``).
         output_dir: where the run writes everything (config, metrics, checkpoints, adapter).
         seed: seeds weights of new heads, adapter init, dropout and data order.
         max_steps: optimizer steps; if ``None``, ``num_epochs`` passes over the data.
@@ -169,7 +169,6 @@ class TrainConfig:
     data: Any = None
     hardware: Any = None
     task: Any = None
-    reward: Any = None
     output_dir: str = "runs/default"
     seed: int = 0
     max_steps: Optional[int] = None
@@ -243,6 +242,9 @@ class EvalConfig:
 def schema_of(node: DictConfig, key: str) -> type:
     """Import the dataclass named by ``node._target_``."""
     target = node.get("_target_")
+    for old, new in RENAMED_TARGETS.items():
+        if target and str(target).startswith(old):
+            target = new + str(target)[len(old):]
     if not target:
         raise ConfigError(f"The '{key}' config has no _target_ naming its schema; every option file in "
                           f"configs/{key}/ must start with `_target_: lorafit.<module>.<ConfigClass>`.")
@@ -251,6 +253,19 @@ def schema_of(node: DictConfig, key: str) -> type:
         return getattr(importlib.import_module(module_name), cls_name)
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"The '{key}' config names _target_={target!r}, which cannot be imported ({exc}).") from exc
+
+
+def option_names(group: str) -> list[str]:
+    """The options of a config group (its YAML files' names)."""
+    return sorted(f.stem for f in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def option_schema(group: str, option: str) -> type:
+    """The schema an option file names with ``_target_`` (through its first default if it names none)."""
+    node = OmegaConf.load(CONFIG_DIR / group / f"{option}.yaml")
+    if "_target_" not in node and node.get("defaults"):
+        return option_schema(group, str(node.defaults[0]))
+    return schema_of(node, group)
 
 
 def _field_names(schema: type) -> list[str]:
@@ -293,7 +308,13 @@ def to_object(node: DictConfig | dict, schema: type, key: str) -> Any:
 def validate(cfg: DictConfig, top_schema: type = TrainConfig, groups: Iterable[str] = GROUPS) -> Any:
     """Validate a composed config: each group by the dataclass its ``_target_`` names, then the rest."""
     objects = {}
-    groups = [*groups, *(n for n in OPTIONAL_NODES if n not in groups and n in cfg)] if top_schema is TrainConfig else groups
+    if top_schema is TrainConfig and "reward" in cfg and cfg.get("task") is not None:
+        # an earlier version's run config: the reward source was a top-level node
+        cfg = OmegaConf.create(OmegaConf.to_container(cfg))
+        reward = cfg.pop("reward")
+        if reward is not None:
+            reward.pop("_target_", None)
+            cfg.task.reward = reward
     for group in groups:
         if group in cfg and cfg[group] is not None:
             objects[group] = to_object(cfg[group], schema_of(cfg[group], group), group)

@@ -15,14 +15,14 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from rich.console import Console
 
+from lorafit.console import console
 from lorafit.adapters import fold_into_base
-from lorafit.assemble import find_adapter_dir, load_adapted, run_folder
+from lorafit.adapters.io import find_adapter_dir, run_folder
+from lorafit.assemble import load_adapted
 from lorafit.config import ConfigError
 from lorafit.files import check_free_space, fault_point, new_output, publish
 
-console = Console(stderr=True, soft_wrap=True)
 
 PROBE_TEXTS = [
     "The quick brown fox jumps over the lazy dog.",

@@ -1,7 +1,8 @@
-"""Official GLUE metrics: accuracy, binary F1, Matthews correlation, Pearson, Spearman.
+"""Classification and regression metrics: accuracy, binary F1, Matthews correlation, Pearson, Spearman.
 
-:func:`glue_metrics` picks the metrics of a task (see
-:attr:`lorafit.data.glue.GlueTask.metrics`) and returns plain Python floats.
+:func:`metric_values` computes metrics by name (a GLUE task's list is
+:attr:`lorafit.data.glue.GlueTask.metrics`; :func:`lorafit.data.glue.glue_metrics` picks it) and
+returns plain Python floats.
 Degenerate inputs, such as constant predictions, give 0.0 for the correlation
 metrics instead of NaN and warnings.
 """
@@ -14,8 +15,6 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from scipy import stats
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
-
-from lorafit.data.glue import get_task
 
 ArrayLike = Sequence[float] | np.ndarray
 
@@ -130,21 +129,21 @@ _METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
 }
 
 
-def glue_metrics(task: str, predictions: ArrayLike, labels: ArrayLike) -> dict[str, float]:
-    """Compute the official metrics of a GLUE task.
+def metric_values(names: Sequence[str], predictions: ArrayLike, labels: ArrayLike,
+                  regression: bool = False) -> dict[str, float]:
+    """Compute the named metrics (``accuracy``, ``f1``, ``mcc``, ``pearson``, ``spearman``).
 
     Args:
-        task: Task name, e.g. ``"mrpc"``.
-        predictions: Class ids for classification tasks, floats for STS-B.
-        labels: Gold class ids or scores, same length as ``predictions``.
+        names: metric names, in the order wanted back.
+        predictions: class ids (classification) or floats (regression).
+        labels: gold class ids or scores, same length as ``predictions``.
+        regression: whether predictions and labels are real-valued.
 
     Returns:
-        ``{metric_name: value}`` in the task's metric order, e.g.
-        ``{"accuracy": 0.8, "f1": 0.85}`` for MRPC; values are Python floats.
+        ``{metric_name: value}`` in the order of ``names``; values are Python floats.
 
     Raises:
-        ValueError: For an unknown task or malformed inputs.
+        ValueError: for malformed inputs.
     """
-    spec = get_task(task)
-    preds, gold = _as_vectors(predictions, labels, regression=spec.is_regression)
-    return {name: _METRICS[name](preds, gold) for name in spec.metrics}
+    preds, gold = _as_vectors(predictions, labels, regression=regression)
+    return {name: _METRICS[name](preds, gold) for name in names}

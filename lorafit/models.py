@@ -1,10 +1,11 @@
 """Load a base model and its tokenizer; default adapter targets per architecture.
 
-Tasks: ``classification`` and ``regression`` (``AutoModelForSequenceClassification``, encoders
-and decoders alike), ``multiple_choice`` (``AutoModelForMultipleChoice``, encoders; inputs
-batch × choices × seq), ``causal_lm`` (``AutoModelForCausalLM``) and ``reward`` (a one-label
-sequence classifier: the scalar reward model of ``lorafit.rlhf``). The data config decides the task
-and the number of labels; the model config decides which weights.
+Heads (the model's output kind): ``classification`` and ``regression``
+(``AutoModelForSequenceClassification``, encoders and decoders alike), ``multiple_choice``
+(``AutoModelForMultipleChoice``, encoders; inputs batch × choices × seq), ``causal_lm``
+(``AutoModelForCausalLM``) and ``reward`` (a one-label sequence classifier: the scalar reward model
+of ``lorafit.rlhf``). The data config decides the head and the number of labels; the model config
+decides which weights.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForMultiple
 
 from lorafit.config import ConfigError, ModelConfig
 
-TASKS = ("classification", "regression", "causal_lm", "multiple_choice", "reward")
+HEADS = ("classification", "regression", "causal_lm", "multiple_choice", "reward")
 AUTO_CLASSES = {"causal_lm": AutoModelForCausalLM, "multiple_choice": AutoModelForMultipleChoice}
 
 # Adapter targets when the user names none: the attention and MLP projections of each family.
@@ -77,19 +78,19 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_model(cfg: ModelConfig, task: str, num_labels: int = 2, seed: int = 0,
+def load_model(cfg: ModelConfig, head: str, num_labels: int = 2, seed: int = 0,
                tokenizer: PreTrainedTokenizerBase | None = None) -> PreTrainedModel:
-    """Build the base model for ``task``; new heads are initialised from ``seed``.
+    """Build the base model with ``head``; new heads are initialised from ``seed``.
 
     A model with ``cfg.build`` set is built from that config dict with random weights (tests,
     ``model=tiny_llama``); otherwise weights come from ``cfg.name_or_path``.
     """
-    if task not in TASKS:
-        raise ConfigError(f"Unknown task {task!r}; allowed: {', '.join(TASKS)}.")
-    auto_cls = AUTO_CLASSES.get(task, AutoModelForSequenceClassification)
+    if head not in HEADS:
+        raise ConfigError(f"Unknown head {head!r}; allowed: {', '.join(HEADS)}.")
+    auto_cls = AUTO_CLASSES.get(head, AutoModelForSequenceClassification)
     # reward (lorafit.rlhf): a sequence classifier with one label, the scalar reward.
-    extra = {} if task in AUTO_CLASSES else {"num_labels": 1 if task in ("regression", "reward") else num_labels}
-    if task == "regression":
+    extra = {} if head in AUTO_CLASSES else {"num_labels": 1 if head in ("regression", "reward") else num_labels}
+    if head == "regression":
         extra["problem_type"] = "regression"
     torch.manual_seed(seed)  # new heads (and built models) get reproducible weights
     if cfg.build is not None:

@@ -1,4 +1,7 @@
-"""What ``lorafit train`` and ``lorafit eval`` do, as plain functions (the CLI only parses)."""
+"""What ``lorafit train`` does, as plain functions (the CLI only parses): claim the run folder,
+assemble the model, tokenise the data once, run the trainer, print the results.
+
+``lorafit eval`` is :mod:`lorafit.eval`; ``lorafit merge`` is :mod:`lorafit.merge`."""
 
 from __future__ import annotations
 
@@ -8,27 +11,17 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from rich.console import Console
-from rich.table import Table
 
-from lorafit.assemble import assemble, find_adapter_dir, load_adapted
-from lorafit.config import ConfigError, EvalConfig, HardwareConfig, TrainConfig, as_dict, to_yaml
-from lorafit.data.tasks import tokenize
-from lorafit.evaluate import predict, score
-from lorafit.models import from_pretrained, load_model, save_base
-from lorafit.train.checkpoint import latest_checkpoint
+from lorafit.assemble import assemble
+from lorafit.config import ConfigError, TrainConfig, as_dict, to_yaml
+from lorafit.console import console
+from lorafit.data.batches import tokenize
+from lorafit.eval.report import print_results
+from lorafit.models import load_model, save_base
+from lorafit.train.checkpoint import RUN_ENTRIES, RUN_MARKER, is_run_folder, latest_checkpoint
 from lorafit.train.trainer import Trainer
-
-console = Console(stderr=True, soft_wrap=True)
-
-
-def make_accelerator(hardware: HardwareConfig) -> Accelerator:
-    if hardware.device == "gpu" and not torch.cuda.is_available():
-        raise ConfigError("hardware=gpu but no CUDA device is visible. Use hardware=cpu (or hardware=auto).")
-    return Accelerator(cpu=hardware.device == "cpu", mixed_precision=hardware.mixed_precision)
 
 
 def _cache_key(data_cfg: Any, tokenizer: Any) -> str:
@@ -48,18 +41,14 @@ def callbacks_of(*parts: Any) -> list:
 
 def train(cfg: TrainConfig) -> dict[str, dict]:
     """Assemble the model, tokenise the data once, run the trainer; returns final eval metrics."""
-    accelerator = make_accelerator(cfg.hardware)
+    accelerator = cfg.hardware.accelerator()
     set_seed(cfg.seed)
-    resolve = getattr(cfg.data, "resolve_objective", None)  # data=commonsense: MC head or SFT, by the model
-    if resolve is not None:
-        resolve(cfg.model)
-    prepare = getattr(cfg.task, "prepare", None)  # a task checks that model, data and reward fit it
-    if prepare is not None:
-        prepare(cfg)
+    cfg.data.resolve(cfg.model)   # data=commonsense: a multiple-choice head or SFT, by the model
+    cfg.task.prepare(cfg)         # the task checks that model, data and reward fit it
     run_dir = Path(cfg.output_dir)
     claim_run_dir(cfg, accelerator)
     data = cfg.data
-    assembled = assemble(cfg.model, cfg.adapter, cfg.init, data.task_type, data.num_labels, seed=cfg.seed)
+    assembled = assemble(cfg.model, cfg.adapter, cfg.init, data.head, data.num_labels, seed=cfg.seed)
     if cfg.model.build is not None:
         # A built (random) base exists nowhere else: keep it so merge and eval can find it.
         base_dir = run_dir / "base"
@@ -86,23 +75,11 @@ def train(cfg: TrainConfig) -> dict[str, dict]:
 
 
 # ---------------------------------------------------------------------------------- run folder
-RUN_MARKER = "lorafit_train.json"
-RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "results.json", "adapter", "checkpoints", "cache", "base", "tb",
-               "error.log", RUN_MARKER)
-"""What ``lorafit train`` writes into a run folder; ``overwrite=true`` removes these and nothing else."""
 # Keys that may change on resume without changing the maths of the remaining steps.
 RESUME_HARMLESS = ("output_dir", "resume", "overwrite", "eval_every", "eval_at_start", "save_every", "log_every",
                    "keep_checkpoints", "progress", "tensorboard", "data.eval_batch_size", "data.max_eval_examples",
                    "model.name_or_path", "model.tokenizer")   # the base itself is checked by its fingerprint
 RESUME_NOTED = ("hardware.grad_accum_steps", "hardware.device")  # the same update up to round-off
-
-
-def is_run_folder(folder: Path) -> bool:
-    """A folder written by ``lorafit train``: this version's marker, an earlier version's layout, or
-    step checkpoints (a run's ``checkpoints/`` copied elsewhere to resume from)."""
-    return ((folder / RUN_MARKER).is_file() or latest_checkpoint(folder) is not None
-            or ((folder / "config.yaml").is_file() and any(
-                (folder / name).exists() for name in ("adapter", "checkpoints", "metrics.jsonl"))))
 
 
 def claim_run_dir(cfg: TrainConfig, accelerator: Accelerator) -> None:
@@ -194,145 +171,7 @@ def _save_unadapted_base(cfg: TrainConfig, assembled: Any, folder: Path) -> None
     """Write the built base model: built again from its config and seed, so it holds exactly the
     weights the adapter was attached to (an init may have turned the live ones into a residual)."""
     data = cfg.data
-    model = load_model(cfg.model, data.task_type, data.num_labels, seed=cfg.seed, tokenizer=assembled.tokenizer)
+    model = load_model(cfg.model, data.head, data.num_labels, seed=cfg.seed, tokenizer=assembled.tokenizer)
     save_base(model, assembled.tokenizer, folder)
 
 
-def print_results(results: dict[str, dict], before: Optional[dict[str, dict]] = None, title: str = "") -> None:
-    table = Table(title=title)
-    table.add_column("split")
-    table.add_column("metric")
-    if before:
-        table.add_column("before", justify="right")
-    table.add_column("after" if before else "value", justify="right")
-    for split, metrics in results.items():
-        for name, value in metrics.items():
-            cells = [split, name]
-            if before:
-                old = before.get(split, {}).get(name)
-                cells.append("" if old is None else _fmt(old))
-            cells.append(_fmt(value))
-            table.add_row(*cells)
-    Console().print(table)
-
-
-def _fmt(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
-# ------------------------------------------------------------------------------------- eval
-EVAL_FIX = "Give a Hugging Face model folder (config.json, weights, tokenizer files), a run folder or a merged folder."
-
-def load_for_eval(path: str, data: Any) -> tuple[Any, Any, str]:
-    """A model to score: a run / adapter folder (adapter applied, not merged) or a plain HF folder."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
-    adapter_dir = find_adapter_dir(path)
-    if adapter_dir is not None:
-        assembled = load_adapted(adapter_dir)
-        if assembled.meta["task"] != data.task_type:
-            raise ConfigError(f"{path} was trained for {assembled.meta['task']}, but data={type(data).__name__} "
-                              f"is a {data.task_type} task. Evaluate it on matching data.")
-        return assembled.model, assembled.tokenizer, "adapter (unmerged)"
-    if not (Path(path) / "config.json").is_file():
-        raise ConfigError(f"'{path}' is neither a lorafit run folder (adapter/adapter_config.json) nor a Hugging "
-                          f"Face model folder (config.json). Give a run folder, a merged folder or a base model.")
-    tokenizer = from_pretrained(AutoTokenizer.from_pretrained, path, "a tokenizer", EVAL_FIX)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    if data.task_type == "causal_lm":
-        return from_pretrained(AutoModelForCausalLM.from_pretrained, path, "the model", EVAL_FIX), tokenizer, "plain"
-    config = from_pretrained(AutoConfig.from_pretrained, path, "a model config", EVAL_FIX)
-    expected = 1 if data.task_type == "regression" else data.num_labels
-    has_head = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
-    if not has_head or config.num_labels != expected:
-        console.print(f"[yellow]warning:[/] {path} has no trained {expected}-label classification head; "
-                      f"a new random head is used, so scores are near chance.")
-    model = from_pretrained(
-        AutoModelForSequenceClassification.from_pretrained, path, "the model", EVAL_FIX, num_labels=expected,
-        ignore_mismatched_sizes=True,
-        **({"problem_type": "regression"} if data.task_type == "regression" else {}))
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer, "plain"
-
-
-def evaluate_model(path: str, cfg: EvalConfig) -> dict[str, dict]:
-    """``lorafit eval``: score ``path`` on the data's dev splits; write results.json, results.md
-    (+ predictions). ``tasks=[...]`` scores several GLUE tasks; ``suite=commonsense`` goes to
-    :func:`lorafit.commonsense_eval.evaluate_commonsense`."""
-    import dataclasses
-
-    from rich.progress import Progress
-
-    from lorafit.data.commonsense import CommonsenseData
-    from lorafit.data.glue import get_task
-    from lorafit.data.tasks import GlueData
-
-    if cfg.suite == "commonsense":
-        from lorafit.commonsense_eval import evaluate_commonsense
-        return evaluate_commonsense(path, cfg)
-    data = cfg.data
-    if isinstance(data, CommonsenseData):
-        raise ConfigError("data=commonsense is scored with suite=commonsense (and a protocol); add suite=commonsense.")
-    if cfg.tasks and not isinstance(data, GlueData):
-        raise ConfigError(f"tasks=[...] with suite=glue names GLUE tasks, but data={type(data).__name__} was chosen. "
-                          f"Drop tasks= or use data=glue.")
-    for name in cfg.tasks or []:
-        try:
-            get_task(name)
-        except ValueError as exc:
-            raise ConfigError(f"tasks=[...]: {exc}") from None
-    if cfg.limit is not None:
-        data.max_eval_examples = cfg.limit
-    tasks = [dataclasses.replace(data, task=t) for t in cfg.tasks] if cfg.tasks else [data]
-    accelerator = make_accelerator(cfg.hardware)
-    results, predictions, kinds = {}, {}, set()
-    with Progress(console=console, disable=not accelerator.is_main_process) as progress:
-        for task_data in tasks:
-            model, tokenizer, kind = load_for_eval(path, task_data)
-            kinds.add(kind)
-            model.to(accelerator.device)
-            for split in task_data.eval_splits:
-                dataset = tokenize(task_data, split, tokenizer, None)
-                name = task_data.split_name(split)
-                bar = progress.add_task(f"eval {name}", total=len(dataset))
-                result = predict(model, dataset, task_data.task_type, cfg.batch_size, tokenizer.pad_token_id,
-                                 accelerator.device, accelerator, progress=lambda n, b=bar: progress.advance(b, n))
-                results[name] = score(task_data, result)
-                predictions[name] = result
-    if accelerator.is_main_process:
-        kind = ", ".join(sorted(kinds))
-        print_results(results, title=f"{path} [{kind}]")
-        save_eval(path, cfg, results, f"lorafit eval {path} ({kind}), suite={cfg.suite}",
-                  lambda folder: write_predictions(folder / "predictions.jsonl", predictions))
-    return results
-
-
-def save_eval(path: str, cfg: EvalConfig, results: dict[str, dict], title: str, write_predictions: Any) -> None:
-    """Write ``results.json`` / ``results.md`` (and predictions) into ``cfg.output_dir``, if set."""
-    from lorafit.files import new_output, publish
-    from lorafit.report import write_results
-
-    if not cfg.output_dir:
-        console.print("results not saved: pass output_dir=DIR to write results.json and results.md")
-        return
-    out = Path(cfg.output_dir)
-    model = Path(path)
-    with new_output(out, "eval", cfg.overwrite, "overwrite=true",
-                    protected=[] if is_run_folder(model) else [model]) as tmp:
-        write_results(tmp, results, title=title)
-        if cfg.save_predictions:
-            write_predictions(tmp)
-        publish(tmp, out, "eval", {"model": str(model.resolve())})
-    console.print(f"results → {out / 'results.json'}, {out / 'results.md'}")
-
-
-def write_predictions(file: Path, predictions: dict[str, dict]) -> None:
-    with open(file, "w") as f:
-        for split, result in predictions.items():
-            for idx, (label, pred) in enumerate(zip(result.get("labels", []), result.get("predictions", []))):
-                record = {"idx": idx, "label": label, "prediction": pred}
-                if len(predictions) > 1:
-                    record["split"] = split
-                f.write(json.dumps(record) + "\n")

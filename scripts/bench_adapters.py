@@ -260,7 +260,7 @@ def peft_config(method: str, args: argparse.Namespace):
     import peft
 
     ours = lorafit_config(method)
-    common = {"task_type": "SEQ_CLS", "target_modules": list(TARGETS), "modules_to_save": ["classifier"]}
+    common = {"head": "SEQ_CLS", "target_modules": list(TARGETS), "modules_to_save": ["classifier"]}
     if method in ("lora", "dora"):
         return peft.LoraConfig(r=ours.r, lora_alpha=ours.alpha, lora_dropout=ours.dropout, use_rslora=ours.use_rslora,
                                use_dora=method == "dora", bias="none", **common)

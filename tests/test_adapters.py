@@ -38,7 +38,8 @@ from lorafit.adapters.lora import LoRAConfig
 from lorafit.adapters.lora_dash import LoRADashConfig, LoRADashLinear
 from lorafit.adapters.rosa import RoSAConfig, RoSALinear
 from lorafit.adapters.spectral import SpectralConfig
-from lorafit.assemble import assemble, load_adapted, save_adapter
+from lorafit.adapters.io import save_adapter
+from lorafit.assemble import assemble, load_adapted
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 

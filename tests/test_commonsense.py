@@ -28,12 +28,12 @@ from typing import Optional
 import pytest
 import torch
 
-from lorafit.commonsense_eval import (LoglikRequest, choice_metrics, continuation_logprobs, encode_loglik,
+from lorafit.eval.commonsense import (LoglikRequest, choice_metrics, continuation_logprobs, encode_loglik,
                                       extract_answer, loglik_batches)
 from lorafit.config import ConfigError
 from lorafit.data.commonsense import (COMMONSENSE_TASKS, encode_choices, get_commonsense_task, read_commonsense)
-from lorafit.data.tasks import collate
-from lorafit.evaluate import forward_logits, task_loss
+from lorafit.data.batches import collate
+from lorafit.task import forward_logits, head_loss
 from test_train import cli
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
@@ -302,8 +302,8 @@ def test_padded_choices_change_nothing(minilm_dir: str) -> None:
         n = len(want)
         assert float((row[:n] - want).abs().max()) < 1e-5
         assert (row[n:] == torch.finfo(row.dtype).min).all() and got[:n].all()
-    total = task_loss(logits, batch["labels"], "multiple_choice")
-    each = sum(float(task_loss(w[None], torch.tensor([f["labels"]]), "multiple_choice"))
+    total = head_loss(logits, batch["labels"], "multiple_choice")
+    each = sum(float(head_loss(w[None], torch.tensor([f["labels"]]), "multiple_choice"))
                for w, f in zip(alone, features))
     assert abs(float(total) - each) < 1e-4
 
@@ -334,7 +334,7 @@ def test_mc_head_training_run(mc_run: Path) -> None:
     from lorafit.config import load_run_config
 
     cfg = load_run_config(mc_run)
-    assert cfg.data.objective == "mc_head" and cfg.data.task_type == "multiple_choice"
+    assert cfg.data.objective == "mc_head" and cfg.data.head == "multiple_choice"
     meta = json.loads((mc_run / "adapter" / "adapter_config.json").read_text())
     assert meta["task"] == "multiple_choice" and "classifier" in meta["modules_to_save"]
     results = results_of(mc_run)  # dev score during training: the ARC-Easy test file

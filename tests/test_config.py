@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ from lorafit.adapters.lora import LoRAConfig
 from lorafit.cli import CONFIG_DIR, compose, rewrite_overrides
 from lorafit.config import (GROUPS, ConfigError, EvalConfig, HardwareConfig, ModelConfig, TrainConfig,
                             schema_of, validate)
-from lorafit.data.tasks import GlueData, SentimentDemoData
+from lorafit.data.options import GlueData, SentimentDemoData
 from lorafit.inits.basic import KaimingInit
 from lorafit.optim.basic import AdamWConfig, SGDConfig
 
@@ -62,7 +64,9 @@ def test_every_option_file_composes_and_validates(group: str, option: str) -> No
     # ... and every value the option file (plus its defaults) sets arrives unchanged.
     for key, value in OmegaConf.to_container(composed[group], resolve=True).items():
         if key != "_target_":
-            assert getattr(obj, key) == value, (group, option, key)
+            got = getattr(obj, key)
+            got = dataclasses.asdict(got) if dataclasses.is_dataclass(got) else got   # a nested node (task.reward)
+            assert got == value, (group, option, key)
 
 
 def test_eval_config_composes_and_validates() -> None:

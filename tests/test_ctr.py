@@ -15,7 +15,8 @@ from torch.func import functional_call
 
 from lorafit.config import ModelConfig
 from lorafit.optim import ctr
-from lorafit.optim.ctr import CTRConfig, CurvatureOperator, component_utility, steihaug_cg, update_radius
+from lorafit.optim.ctr import CTRConfig, component_utility
+from lorafit.optim.trust_region import CurvatureOperator, double_differentiable_attention, steihaug_cg, update_radius
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
@@ -218,7 +219,7 @@ def test_gauss_newton_through_dora_and_attention_matches_the_explicit_jacobian(m
     prob = torch.softmax(z.detach(), -1)
     H_L = torch.block_diag(*[(torch.diag(q) - torch.outer(q, q)) / 2 for q in prob])
     v = torch.randn(J.shape[1], dtype=F64)
-    with ctr.double_differentiable_attention():
+    with double_differentiable_attention():
         op = CurvatureOperator([piece], params, "ggn")
         op.losses()
         got = op(v)
@@ -262,13 +263,13 @@ def test_dora_with_ctr_logs_every_step_and_keeps_its_promises(run_cli, tmp_path:
 
 def test_a_rejected_step_leaves_the_weights_bit_for_bit(run_cli, tmp_path: Path, monkeypatch) -> None:
     seen: list[list[torch.Tensor]] = []
-    real = ctr.TrustRegionStep.before_optimizer_step
+    real = ctr.TrustRegionStep.take_step
 
-    def spy(self, trainer):
+    def spy(self, trainer, closure):
         seen.append([p.detach().clone() for p in trainer.params])
-        real(self, trainer)
+        real(self, trainer, closure)
         seen.append([p.detach().clone() for p in trainer.params])
-    monkeypatch.setattr(ctr.TrustRegionStep, "before_optimizer_step", spy)
+    monkeypatch.setattr(ctr.TrustRegionStep, "take_step", spy)
     monkeypatch.setattr(ctr, "update_radius", lambda rho, radius, boundary, cfg: (False, radius * cfg.shrink))
     run = tmp_path / "run"
     assert (r := run_cli("train", f"output_dir={run}", *TINY, "+optim=ctr", "max_steps=2")).code == 0, r.text
@@ -375,13 +376,13 @@ def loss_at(model: nn.Module, params: list[torch.Tensor], values: list[torch.Ten
 
 def test_actual_reduction_is_the_loss_drop_at_the_trial_point(run_cli, tmp_path: Path, monkeypatch) -> None:
     """Kills the mutant ``actual = loss_before - loss_after`` → ``actual = predicted`` in
-    ``TrustRegionStep.before_optimizer_step`` (ρ ≡ 1: the trial point θ+δ never judged).
+    ``TrustRegionStep.take_step`` (ρ ≡ 1: the trial point θ+δ never judged).
 
     Each step's δ is caught on its way out of ``steihaug_cg``; L(θ) and L(θ+δ) are then evaluated
     here with fresh forward passes of the model (eval mode, the step's own batch, cross-entropy in
     float64), and the logged ``actual_reduction`` must be L(θ) − L(θ+δ) and ρ = actual / predicted.
     A large radius makes the quadratic model visibly wrong, so ρ is far from 1 on some step."""
-    real_step, real_cg = ctr.TrustRegionStep.before_optimizer_step, ctr.steihaug_cg
+    real_step, real_cg = ctr.TrustRegionStep.take_step, ctr.steihaug_cg
     trial: list[torch.Tensor] = []
     seen: list[dict] = []
 
@@ -390,10 +391,10 @@ def test_actual_reduction_is_the_loss_drop_at_the_trial_point(run_cli, tmp_path:
         trial.append(result.step.detach().clone())
         return result
 
-    def step_spy(self, trainer):
-        model, params, batches = trainer.unwrapped(), trainer.params, list(trainer.current_batches)
+    def step_spy(self, trainer, closure):
+        model, params, batches = trainer.unwrapped(), trainer.params, list(closure.batches)
         theta = [p.detach().clone() for p in params]
-        real_step(self, trainer)
+        real_step(self, trainer, closure)
         deltas, start = [], 0
         for p in theta:
             deltas.append(trial[-1][start:start + p.numel()].view_as(p).to(p.dtype))
@@ -403,7 +404,7 @@ def test_actual_reduction_is_the_loss_drop_at_the_trial_point(run_cli, tmp_path:
                      **self.last})
 
     monkeypatch.setattr(ctr, "steihaug_cg", cg_spy)
-    monkeypatch.setattr(ctr.TrustRegionStep, "before_optimizer_step", step_spy)
+    monkeypatch.setattr(ctr.TrustRegionStep, "take_step", step_spy)
     run = tmp_path / "run"
     assert (r := run_cli("train", f"output_dir={run}", *TINY, "+optim=ctr", "max_steps=3", "model.dropout=0.0",
                          "optimizer.radius=3.0")).code == 0, r.text
@@ -460,30 +461,26 @@ def test_rank_schedule_keeps_the_components_of_largest_utility(run_cli, tmp_path
     """Kills the mutant ``torch.topk(self.utility, keep)`` → ``torch.topk(-self.utility, keep)`` in
     ``TrustRegionStep._rank_mask`` (the least useful rank-1 components kept trainable).
 
-    The gradients of every step are caught after the backward (before any clipping); the utility
+    The gradients of every step are caught as the step starts (CTR's steps are never clipped); the utility
     of each rank-1 component (row i of A, column i of B) is computed here from them
     (:func:`whitened_utility`), and at every re-choice (steps 0 and 2 with ``rank_every=2``) the
     callback's active set must be the ``round(budget × 112)`` components of largest utility
     (:func:`assert_the_most_useful_components_are_kept`); in between it must not change."""
     from lorafit.adapters import adapter_layers
 
-    real_backward, real_step = ctr.TrustRegionStep.after_backward, ctr.TrustRegionStep.before_optimizer_step
+    real_step = ctr.TrustRegionStep.take_step
     history: list[dict[str, torch.Tensor]] = []
     seen: list[tuple[int, torch.Tensor, torch.Tensor]] = []
 
-    def backward_spy(self, trainer):
-        real_backward(self, trainer)
+    def step_spy(self, trainer, closure):
         history.append({n: p.grad.detach().double().clone()
                         for n, p in trainer.unwrapped().named_parameters() if p.requires_grad})
-
-    def step_spy(self, trainer):
         step = trainer.step
-        real_step(self, trainer)
+        real_step(self, trainer, closure)
         layers = dict(adapter_layers(trainer.unwrapped()))
         seen.append((step, self.active.clone(), whitened_utility(history, layers, self.cfg.fisher_beta)))
 
-    monkeypatch.setattr(ctr.TrustRegionStep, "after_backward", backward_spy)
-    monkeypatch.setattr(ctr.TrustRegionStep, "before_optimizer_step", step_spy)
+    monkeypatch.setattr(ctr.TrustRegionStep, "take_step", step_spy)
     run = tmp_path / "run"
     assert (r := run_cli("train", f"output_dir={run}", *TINY, "+optim=ctr", "optimizer.rank_budget=0.25",
                          "optimizer.rank_every=2", "max_steps=3")).code == 0, r.text

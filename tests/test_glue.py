@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from lorafit.data import glue
-from lorafit.data.glue import GLUE_TASKS, get_task, load_glue_hub, read_glue_split
-from lorafit.metrics import accuracy, glue_metrics
+from lorafit.data.glue import GLUE_TASKS, get_task, glue_metrics, load_glue_hub, read_glue_split
+from lorafit.metrics import accuracy
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "glue"
 REAL_GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"

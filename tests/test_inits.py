@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from lorafit.adapters import adapters_disabled
 from lorafit.adapters.dora import DoRAConfig
 from lorafit.adapters.lora import LoRAConfig
-from lorafit.assemble import assemble, load_adapted, save_adapter
+from lorafit.adapters.io import save_adapter
+from lorafit.assemble import assemble, load_adapted
 from lorafit.inits.svd import MiLoRAInit, OLoRAInit, PiSSAInit
 from lorafit.models import load_model, load_tokenizer
 

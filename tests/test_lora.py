@@ -18,7 +18,8 @@ from torch import nn
 from lorafit.adapters import (adapter_layers, adapters_disabled, attach, find_targets, fold_into_base,
                               trainable_parameters)
 from lorafit.adapters.lora import LoRAConfig, LoRALinear
-from lorafit.assemble import Assembled, assemble, load_adapted, save_adapter
+from lorafit.adapters.io import Assembled, save_adapter
+from lorafit.assemble import assemble, load_adapted
 from lorafit.config import ConfigError, ModelConfig
 from lorafit.inits.basic import GaussianInit, KaimingInit
 from lorafit.models import DEFAULT_TARGETS, default_targets, head_module_names, load_model, load_tokenizer, save_base

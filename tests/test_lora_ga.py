@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from lorafit.config import load_run_config
-from lorafit.data.tasks import collate, count_loss_units, tokenize
-from lorafit.evaluate import model_inputs, task_loss
+from lorafit.data.batches import collate, count_loss_units, tokenize
+from lorafit.task import model_inputs, head_loss
 from lorafit.inits.lora_ga import lora_ga_factors
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
@@ -52,7 +52,7 @@ def full_gradients(run: Path) -> dict[str, torch.Tensor]:
     model = AutoModelForCausalLM.from_pretrained(run / "base").eval()
     data = tokenize(cfg.data, "train", tokenizer, None)
     batch = collate([data[i] for i in range(len(data))], tokenizer.pad_token_id)
-    loss = task_loss(model(**model_inputs(batch)).logits, batch["labels"], "causal_lm") / count_loss_units(batch)
+    loss = head_loss(model(**model_inputs(batch)).logits, batch["labels"], "causal_lm") / count_loss_units(batch)
     loss.backward()
     targets = json.loads((run / "adapter" / "adapter_config.json").read_text())["targets"]
     return {name: model.get_submodule(name).weight.grad.double() for name in targets}
@@ -137,7 +137,7 @@ def test_init_identity(adapter: str, tiny_llama_cfg, alpaca: Path) -> None:
     from lorafit.adapters.dora import DoRAConfig
     from lorafit.adapters.lora import LoRAConfig
     from lorafit.assemble import assemble
-    from lorafit.data.tasks import InstructData
+    from lorafit.data.options import InstructData
     from lorafit.inits.lora_ga import GradientInit, LoRAGAInit
 
     cls = DoRAConfig if adapter == "dora" else LoRAConfig
@@ -146,7 +146,7 @@ def test_init_identity(adapter: str, tiny_llama_cfg, alpaca: Path) -> None:
     data = InstructData(path=str(alpaca), eval_fraction=0.0)
     trainer = SimpleNamespace(step=0, cfg=SimpleNamespace(seed=0, data=data), accelerator=Accelerator(cpu=True),
                               unwrapped=lambda: assembled.model, train_set=tokenize(data, "train", assembled.tokenizer, None),
-                              pad_id=assembled.tokenizer.pad_token_id, task="causal_lm", assembled=assembled)
+                              pad_id=assembled.tokenizer.pad_token_id, head="causal_lm", assembled=assembled)
     ids = torch.randint(5, 1000, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = assembled.model.eval()(input_ids=ids).logits
@@ -176,7 +176,7 @@ def test_init_gradient_is_the_mean_over_all_init_batches(tiny_llama_cfg, alpaca:
     from lorafit.adapters import adapters_disabled
     from lorafit.adapters.lora import LoRAConfig
     from lorafit.assemble import assemble
-    from lorafit.data.tasks import InstructData
+    from lorafit.data.options import InstructData
     from lorafit.inits.lora_ga import GradientInit, LoRAGAInit
 
     n_batches, batch_size, seed = 3, 2, 0
@@ -187,7 +187,7 @@ def test_init_gradient_is_the_mean_over_all_init_batches(tiny_llama_cfg, alpaca:
     pad_id = assembled.tokenizer.pad_token_id
     trainer = SimpleNamespace(step=0, cfg=SimpleNamespace(seed=seed, data=data), accelerator=Accelerator(cpu=True),
                               unwrapped=lambda: assembled.model, train_set=train_set, pad_id=pad_id,
-                              task="causal_lm", assembled=assembled)
+                              head="causal_lm", assembled=assembled)
     plain = copy.deepcopy(assembled.model).eval()          # the independent copy, taken before the init runs
     layers = dict(assembled.layers)
     got = GradientInit(init).mean_gradients(trainer, assembled.model, layers)

@@ -393,3 +393,25 @@ def test_reflora_s_resumed_equals_the_uninterrupted_run(tmp_path: Path, run_cli)
         got = adapter_at(out)
         assert got.keys() == expected.keys()
         assert max(float((got[k].double() - expected[k].double()).abs().max()) for k in got) <= 1e-6, name
+
+
+# ------------------------------------------------------------------------- roles are declared, not listed
+def test_every_adapter_option_declares_the_roles_its_layers_tag() -> None:
+    """Step rules read ``param.lorafit_role``; messages and docs read the config's ``roles``. Each
+    adapter file declares both: they must agree for every option (a new adapter that tags its
+    tensors but forgets ``roles`` — or the reverse — fails here)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import pin_values
+    from lorafit.adapters import ROLES
+    from lorafit.config import option_names, option_schema
+
+    cases = {option: case for case, (option, _) in reversed(pin_values.ADAPTER_CASES.items())}
+    assert set(cases) == set(option_names("adapter"))
+    for option, case in cases.items():
+        layer = pin_values.adapter_config(case).wrap(pin_values.base_linear())
+        tagged = {p.lorafit_role for n, p in layer.named_parameters()
+                  if hasattr(p, "lorafit_role") and not n.startswith("base.")}   # the adapter's own tensors
+        assert tagged <= set(ROLES), (option, tagged)
+        assert tagged == set(getattr(option_schema("adapter", option), "roles", ())), option

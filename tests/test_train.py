@@ -37,8 +37,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lorafit.config import load_run_config, package_dir
-from lorafit.data.tasks import IGNORE_INDEX, InstructData, alpaca_prompt, collate, count_loss_units, encode_sft
-from lorafit.evaluate import task_loss
+from lorafit.data.batches import IGNORE_INDEX, collate, count_loss_units
+from lorafit.data.options import InstructData, alpaca_prompt, encode_sft
+from lorafit.task import head_loss
 from lorafit.train.checkpoint import latest_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
@@ -176,7 +177,7 @@ def test_short_run_on_each_data_kind(kind: str, tmp_path: Path, request: pytest.
     # config.yaml is the validated run config and reads back
     cfg = load_run_config(run)
     assert cfg.max_steps == 6 and cfg.model.name_or_path == "tiny_llama"
-    assert cfg.data.task_type == {"glue_regression": "regression", "instruct": "causal_lm"}.get(kind, "classification")
+    assert cfg.data.head == {"glue_regression": "regression", "instruct": "causal_lm"}.get(kind, "classification")
 
     # metrics.jsonl: one record per step, finite losses; full-batch runs must go down
     records = train_records(run)
@@ -190,7 +191,7 @@ def test_short_run_on_each_data_kind(kind: str, tmp_path: Path, request: pytest.
     # the adapter: weights + config naming the task; the built base is kept for merge/eval
     assert (run / "adapter" / "adapter_config.json").is_file()
     meta = json.loads((run / "adapter" / "adapter_config.json").read_text())
-    assert meta["task"] == cfg.data.task_type
+    assert meta["task"] == cfg.data.head
     state = adapter_of(run)
     assert_adapter_trained(state)
     if kind != "instruct":  # classification/regression heads are trained and saved
@@ -263,7 +264,7 @@ def test_causal_loss_counts_only_response_tokens(minilm_tokenizer) -> None:
     torch.manual_seed(0)
     logits = torch.randn(*batch["input_ids"].shape, 50, requires_grad=True)
     labels = batch["labels"].clamp(max=49).masked_fill(batch["labels"] == IGNORE_INDEX, IGNORE_INDEX)
-    loss = task_loss(logits, labels, "causal_lm")
+    loss = head_loss(logits, labels, "causal_lm")
     # by hand: position t predicts token t+1, summed over the labelled (response + EOS) targets only
     expected = sum(torch.nn.functional.cross_entropy(logits[i, t], labels[i, t + 1], reduction="sum")
                    for i in range(labels.shape[0]) for t in range(labels.shape[1] - 1)

@@ -12,6 +12,10 @@ Convention: everything registered on an adapter layer except ``base.*`` is adapt
 Saving, loading and merging rely on it, so no code outside the method's own file ever asks
 which method it is.
 
+Each layer declares the *role* of its trainable tensors with a ``lorafit_role`` attribute (one of
+:data:`ROLES`; untagged tensors are "other"), so step rules that treat factors differently (LoRA+,
+RefLoRA) never ask which method they face.
+
 Every method's config dataclass is its factory: ``cfg.wrap(linear) -> layer`` builds one layer,
 ``cfg.check(name, linear) -> str | None`` says why a layer does not fit (before anything runs),
 and an optional ``cfg.callbacks()`` returns trainer callbacks (schedules of rank and structure).
@@ -27,6 +31,14 @@ import torch
 from torch import nn
 
 from lorafit.config import ConfigError
+
+ROLES = {
+    "A": "the input-side factor of a product s·B·A (LoRA's A: fan-in = the layer's width)",
+    "B": "the output-side factor of s·B·A (LoRA's B: fan-in = the rank)",
+    "vector": "a 1-D output-side tensor of a layer built on s·B·A (DoRA's magnitude, LoRA-Dash's d, its bias)",
+    "delta": "entries of ΔW itself (RoSA's sparse values)",
+}
+"""The roles an adapter may declare for a trainable tensor (``param.lorafit_role``)."""
 
 
 @runtime_checkable
@@ -130,21 +142,17 @@ def adapter_state_dict(model: nn.Module, extra_modules: list[str] = ()) -> dict[
 def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load what :func:`adapter_state_dict` produced; every key must land, every adapter key must come.
 
-    A layer whose saved state holds init factors (``init_A``, ``init_B``: an init rewrote W0) is
-    first rebased from them, so the adapter lands on the original base and the residual is rebuilt.
+    Each layer loads its own part through ``nn.Module``'s load hooks, so a layer whose state needs
+    work before its tensors land does it itself (LoRA's rebase onto the original base when the file
+    holds an init's factors).
     """
-    for name, layer in adapter_layers(model).items():
-        if f"{name}.init_A" in state and not getattr(layer, "rebased", True):
-            layer.rebase(state[f"{name}.init_A"], state[f"{name}.init_B"])
-    own = model.state_dict()
-    unknown = [k for k in state if k not in own]
+    unknown = model.load_state_dict(state, strict=False).unexpected_keys
     if unknown:
         raise ConfigError(f"The adapter file holds {len(unknown)} tensors this model has no place for "
                           f"(first: {unknown[0]}). It was trained with another adapter config or base model.")
     missing = [k for k in adapter_state_dict(model) if k not in state]
     if missing:
         raise ConfigError(f"The adapter file lacks {len(missing)} adapter tensors (first: {missing[0]}).")
-    model.load_state_dict(state, strict=False)
 
 
 def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:

@@ -34,7 +34,7 @@ from torch import nn
 
 from lorafit.adapters import AdditiveAdapter, adapter_layers
 from lorafit.config import ConfigError, check_range
-from lorafit.train.callbacks import Callback
+from lorafit.callbacks import Callback
 
 
 @dataclass

@@ -35,6 +35,7 @@ activation anyway, and the down projections' product (in = 4·hidden) costs the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +56,8 @@ class DoRAConfig(LoRAConfig):
             layer: LoRA's memory, one more matrix product per layer) or ``false`` (none: fastest).
             Default: auto.
     """
+
+    roles: ClassVar[tuple[str, ...]] = ("A", "B", "vector")
 
     recompute: str = "auto"
 
@@ -82,6 +85,7 @@ class DoRALinear(LoRALinear):
         self.recompute = recompute
         self.magnitude = nn.Parameter(torch.empty(base.out_features, device=base.weight.device,
                                                   dtype=torch.float32))
+        self.magnitude.lorafit_role = "vector"
         self.register_buffer("merge_norm", torch.zeros(0), persistent=False)  # n at merge time
         self.register_buffer("w0_norm_sq", torch.zeros(0), persistent=False)  # ‖W0_i‖², empty = stale
         self.reset_magnitude()

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,8 @@ class LoRAConfig:
         target_modules: name patterns of the layers to adapt (see ``find_targets``); empty means
             the architecture's defaults (BERT: query/key/value/dense; Llama: q/k/v/o/gate/up/down_proj).
     """
+
+    roles: ClassVar[tuple[str, ...]] = ("A", "B")   # what its layers declare (lorafit.adapters.ROLES)
 
     r: int = 8
     alpha: float = 16.0
@@ -80,11 +82,12 @@ class LoRALinear(AdditiveAdapter):
         factory = {"device": base.weight.device, "dtype": torch.float32}
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, **factory))
-        # Which factor each tensor is: step rules (LoRA+, RefLoRA) get (name, parameter) pairs, and
-        # this tag — set only here, on LoRALinear and its subclasses — tells them apart from
-        # look-alikes such as AdaLoRA's lora_A/lora_B (not a plain B·A product).
-        self.lora_A.lorafit_factor = "A"
-        self.lora_B.lorafit_factor = "B"
+        # The role of each tensor, declared by the layer itself (see lorafit.adapters.ROLES): step
+        # rules (LoRA+, RefLoRA) read it; AdaLoRA's look-alike lora_A/lora_B (not a plain B·A) carry none.
+        self.lora_A.lorafit_role = "A"
+        self.lora_B.lorafit_role = "B"
+        if base.bias is not None:   # frozen, unless a run trains it: an output-side vector like B
+            base.bias.lorafit_role = "vector"
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.disabled = False
@@ -110,6 +113,13 @@ class LoRALinear(AdditiveAdapter):
         weight = self.base.weight
         weight.data = (weight.float() - self.scaling * (self.init_B @ self.init_A)).to(weight.dtype)
         self.after_init()
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        """Loading a saved adapter whose init rewrote W0 (the file holds ``init_A``, ``init_B``) onto the
+        original base: rebase from those factors first, so the residual is rebuilt, then load."""
+        if prefix + "init_A" in state_dict and not self.rebased:
+            self.rebase(state_dict[prefix + "init_A"], state_dict[prefix + "init_B"])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def after_init(self) -> None:
         """Called by every init once it has set A, B (and W0); subclasses re-derive their state."""

@@ -21,7 +21,7 @@ reloaded or resumed model carries the directions; the switch itself needs no oth
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,7 @@ from torch import nn
 from lorafit.adapters import adapter_layers
 from lorafit.adapters.lora import LoRAConfig, LoRALinear
 from lorafit.config import check_range
-from lorafit.train.callbacks import Callback
+from lorafit.callbacks import Callback
 
 
 @dataclass
@@ -41,6 +41,8 @@ class LoRADashConfig(LoRAConfig):
         t: pre-launch length in optimizer steps; the directions are chosen after step t. Default: 100.
         s: number of task-specific directions per layer. Default: 8.
     """
+
+    roles: ClassVar[tuple[str, ...]] = ("A", "B", "vector")
 
     t: int = 100
     s: int = 8
@@ -73,6 +75,7 @@ class LoRADashLinear(LoRALinear):
         self.register_buffer("dash_U", torch.zeros(base.out_features, s, **factory))
         self.register_buffer("dash_V", torch.zeros(base.in_features, s, **factory))
         self.dash_d = nn.Parameter(torch.zeros(s, **factory))
+        self.dash_d.lorafit_role = "vector"
 
     def delta_weight(self) -> torch.Tensor:
         return super().delta_weight() + (self.dash_U * self.dash_d) @ self.dash_V.T

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch import nn
@@ -33,7 +33,7 @@ from torch import nn
 from lorafit.adapters import adapter_layers
 from lorafit.adapters.lora import LoRAConfig, LoRALinear
 from lorafit.config import ConfigError, check_range
-from lorafit.train.callbacks import Callback
+from lorafit.callbacks import Callback
 
 
 @dataclass
@@ -46,6 +46,8 @@ class RoSAConfig(LoRAConfig):
         spa_num_grads: steps over which the squared dense gradients are averaged. Default: 1.
         sparse_lr: learning rate of the sparse values (null: the optimizer's lr). Default: null.
     """
+
+    roles: ClassVar[tuple[str, ...]] = ("A", "B", "delta")
 
     density: float = 0.005
     schedule: str = "wl64"
@@ -92,7 +94,7 @@ class RoSALinear(LoRALinear):
         self.register_buffer("sparse_index", torch.arange(k, dtype=torch.int64, device=device))
         self.register_buffer("sparse_on", torch.zeros((), device=device))       # 0 until the mask exists
         self.sparse_values = nn.Parameter(torch.zeros(k, device=device))
-        self.sparse_values.lorafit_factor = "S"   # entries of ΔW itself, not a factor (LoRA+ keeps them at lr)
+        self.sparse_values.lorafit_role = "delta"   # entries of ΔW itself, not a factor
         if sparse_lr is not None:
             self.sparse_values.lorafit_lr = sparse_lr   # read by the optimizer's parameter groups
 

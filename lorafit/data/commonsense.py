@@ -57,7 +57,7 @@ from typing import Any, Optional
 from transformers import PreTrainedTokenizerBase
 
 from lorafit.config import ConfigError, ModelConfig, check_choice
-from lorafit.data.tasks import DataCommon, alpaca_prompt, encode_sft
+from lorafit.data.options import DataCommon, alpaca_prompt, encode_sft
 from lorafit.files import read_text
 from lorafit.metrics import accuracy
 
@@ -306,13 +306,13 @@ class CommonsenseData(DataCommon):
             self.tasks = [get_commonsense_task(t).name for t in self.tasks]
 
     @property
-    def task_type(self) -> str:
+    def head(self) -> str:
         if self.objective == "auto":
             raise ConfigError("data.objective=auto is resolved from the model before training; set "
                               "data.objective=mc_head (encoders) or data.objective=causal_lm (decoders).")
         return "multiple_choice" if self.objective == "mc_head" else "causal_lm"
 
-    def resolve_objective(self, model_cfg: ModelConfig) -> None:
+    def resolve(self, model_cfg: ModelConfig) -> None:
         """Turn ``objective=auto`` into ``mc_head`` or ``causal_lm`` for this model."""
         found = objective_for(model_cfg)
         if self.objective == "auto":
@@ -355,7 +355,7 @@ class CommonsenseData(DataCommon):
         return self.limited(rows, split)
 
     def encode(self, row: dict, tokenizer: PreTrainedTokenizerBase) -> dict:
-        if self.task_type == "causal_lm":
+        if self.head == "causal_lm":
             return encode_sft(tokenizer, alpaca_prompt(row), str(row["output"]), self.max_length)
         return encode_choices(tokenizer, row, self.max_length)
 

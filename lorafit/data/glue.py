@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lorafit.metrics import ArrayLike, metric_values
+
 HUB_DATASET = "nyu-mll/glue"
 """Hugging Face hub id used by :func:`load_glue_hub`."""
 
@@ -65,7 +67,7 @@ class GlueTask:
         labels: Raw label strings in label-id order; ``None`` for regression.
         dev_splits: File stems of the development splits.
         metrics: Names of the official metrics, as returned by
-            :func:`lorafit.metrics.glue_metrics`.
+            :func:`glue_metrics`.
     """
 
     name: str
@@ -406,3 +408,22 @@ def load_glue_hub(task: str, split: str) -> list[dict]:
             f"sub-folders of the GLUE download script (e.g. <data.path>/{spec.folder}/train.tsv)."
         ) from exc
     return [_hub_row(spec, i, example) for i, example in enumerate(dataset)]
+
+
+def glue_metrics(task: str, predictions: ArrayLike, labels: ArrayLike) -> dict[str, float]:
+    """The official metrics of a GLUE task.
+
+    Args:
+        task: Task name, e.g. ``"mrpc"``.
+        predictions: Class ids for classification tasks, floats for STS-B.
+        labels: Gold class ids or scores, same length as ``predictions``.
+
+    Returns:
+        ``{metric_name: value}`` in the task's metric order, e.g.
+        ``{"accuracy": 0.8, "f1": 0.85}`` for MRPC; values are Python floats.
+
+    Raises:
+        ValueError: For an unknown task or malformed inputs.
+    """
+    spec = get_task(task)
+    return metric_values(spec.metrics, predictions, labels, regression=spec.is_regression)

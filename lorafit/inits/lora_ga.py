@@ -30,20 +30,19 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 import torch
-from rich.console import Console
 from rich.progress import Progress
 from torch import nn
 
+from lorafit.console import console
 from lorafit.adapters import adapter_layers
 from lorafit.adapters.lora import LoRALinear
 from lorafit.config import as_dict, check_range, to_yaml
-from lorafit.data.tasks import collate, count_loss_units
-from lorafit.evaluate import forward_logits, task_loss
+from lorafit.data.batches import collate, count_loss_units
+from lorafit.task import forward_logits, head_loss
 from lorafit.files import load_state
 from lorafit.inits.basic import _lora_factors
-from lorafit.train.callbacks import Callback
+from lorafit.callbacks import Callback
 
-console = Console(stderr=True, soft_wrap=True)
 
 
 @dataclass
@@ -170,7 +169,7 @@ class GradientInit(Callback):
         def loss_of(batch: dict[str, torch.Tensor]) -> torch.Tensor:
             with acc.autocast():
                 logits = forward_logits(model, batch)
-                return task_loss(logits, batch["labels"], trainer.task) / max(count_loss_units(batch), 1)
+                return head_loss(logits, batch["labels"], trainer.head) / max(count_loss_units(batch), 1)
 
         batches = ({k: v.to(acc.device) for k, v in collate(list(trainer.train_set.select(
                     order[b * cfg.batch_size:(b + 1) * cfg.batch_size])), trainer.pad_id).items()} for b in mine)

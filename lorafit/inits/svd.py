@@ -22,17 +22,17 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from rich.console import Console
 from rich.progress import Progress
 from torch import nn
 
+from lorafit.console import console
 from lorafit.config import check_range
 from lorafit.inits.basic import _lora_factors
 
 
 def _each_layer(layers: dict[str, nn.Module], what: str):
     """(name, layer, W0 in fp32) for every layer, with a progress bar (SVDs of big layers take a while)."""
-    with Progress(console=Console(stderr=True), transient=True) as progress:
+    with Progress(console=console, transient=True) as progress:
         task = progress.add_task(what, total=len(layers))
         for name, layer in layers.items():
             _lora_factors(name, layer)   # a LoRA-factor adapter, or a clear error

@@ -29,24 +29,26 @@ micro-batch per process the autograd graph is built once per step and reused by 
 iteration; with accumulation it is rebuilt per micro-batch and product (memory of one micro-batch,
 compute × micro-batches). ``max_grad_norm`` clipping does not apply: the trust region bounds the
 step. There is no learning rate (the ``lr`` column of the log reads 0).
+
+The numerics (CG, the ρ rule, curvature products) are :mod:`lorafit.optim.trust_region`; this file
+holds the config, the rank schedule and :class:`TrustRegionStep`, the callback that owns the
+trainer's step (``owns_step``: the trainer builds no torch optimizer and hands it a closure).
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
-from torch.optim.lr_scheduler import LambdaLR
 
+from lorafit.callbacks import Callback
 from lorafit.config import ConfigError, check_choice, check_range
-from lorafit.evaluate import forward_logits, task_loss
-from lorafit.train.callbacks import Callback
-
-Vector = torch.Tensor  # flat fp32 vector over all trainable parameters
+from lorafit.console import console
+from lorafit.optim.trust_region import (CurvatureOperator, Vector, double_differentiable_attention, flatten,
+                                        steihaug_cg, unflatten, update_radius)
+from lorafit.task import SupervisedTask
 
 
 @dataclass
@@ -98,188 +100,15 @@ class CTRConfig:
         check_range("optimizer.rank_budget", self.rank_budget, 0, 1, low_inclusive=False)
         check_range("optimizer.rank_every", self.rank_every, 1)
 
-    def build(self, named_params: list[tuple[str, nn.Parameter]]) -> torch.optim.Optimizer:
-        return NoStep([p for _, p in named_params])
+    def build(self, named_params: list[tuple[str, nn.Parameter]]) -> None:
+        """No torch optimizer: :class:`TrustRegionStep` owns the step."""
+        return None
 
-    def make_scheduler(self, optimizer: torch.optim.Optimizer, total_steps: int) -> LambdaLR:
-        return LambdaLR(optimizer, lambda step: 1.0)
+    def make_scheduler(self, optimizer: None, total_steps: int) -> None:
+        return None
 
     def callbacks(self) -> list[Callback]:
         return [TrustRegionStep(self)]
-
-
-class NoStep(torch.optim.Optimizer):
-    """The trainer's optimizer under CTR: ``step()`` does nothing (the callback moved the weights)."""
-
-    def __init__(self, params: list[nn.Parameter]) -> None:
-        super().__init__(params, {"lr": 0.0})
-
-    def step(self, closure: Optional[Callable] = None) -> None:
-        return None
-
-
-# --------------------------------------------------------------------------- the subproblem
-@dataclass
-class CGResult:
-    step: Vector
-    iters: int
-    boundary: bool        # δ lies on the trust-region boundary
-    model_value: float    # m(δ) = g·δ + ½ δᵀHδ (negative: a predicted decrease)
-
-
-def _to_boundary(z: Vector, d: Vector, radius: float, metric: Optional[Vector]) -> float:
-    """The τ ≥ 0 with ‖z + τ d‖_M = Δ."""
-    Md = d if metric is None else metric * d
-    a, b = float(d @ Md), float(z @ Md)
-    c = float(z @ (z if metric is None else metric * z)) - radius ** 2
-    return (-b + math.sqrt(max(b * b - a * c, 0.0))) / a
-
-
-def steihaug_cg(grad: Vector, hvp: Callable[[Vector], Vector], radius: float,
-                metric: Optional[Vector] = None, max_iters: int = 10, tol: float = 0.1) -> CGResult:
-    """Steihaug–Toint truncated CG for ``min g·δ + ½ δᵀHδ`` s.t. ``‖δ‖_M ≤ Δ``, ``‖x‖_M² = xᵀ diag(M) x``.
-
-    Preconditioned CG with preconditioner M (Nocedal & Wright, Algorithm 7.2, with the M-norm of
-    Conn, Gould & Toint §7.5): stops at negative curvature or the boundary (returning the boundary
-    point along the current direction), or when ``‖r‖ ≤ tol·‖g‖``. ``m(δ)`` is tracked exactly
-    from the residual ``r = g + Hδ``, so no extra product is needed.
-    """
-    z = torch.zeros_like(grad)
-    r = grad.clone()
-    y = r if metric is None else r / metric
-    d = -y
-    ry = float(r @ y)
-    value = 0.0
-    g_norm = float(grad.norm())
-    if g_norm == 0.0:
-        return CGResult(z, 0, False, 0.0)
-    for it in range(1, max_iters + 1):
-        Hd = hvp(d)
-        dHd = float(d @ Hd)
-        if dHd <= 0:
-            tau = _to_boundary(z, d, radius, metric)
-            value += tau * float(r @ d) + 0.5 * tau * tau * dHd
-            return CGResult(z + tau * d, it, True, value)
-        alpha = ry / dHd
-        z_next = z + alpha * d
-        norm_next = float(z_next @ (z_next if metric is None else metric * z_next))
-        if norm_next >= radius ** 2:
-            tau = _to_boundary(z, d, radius, metric)
-            value += tau * float(r @ d) + 0.5 * tau * tau * dHd
-            return CGResult(z + tau * d, it, True, value)
-        value += alpha * float(r @ d) + 0.5 * alpha * alpha * dHd
-        z = z_next
-        r = r + alpha * Hd
-        if float(r.norm()) <= tol * g_norm:
-            return CGResult(z, it, False, value)
-        y = r if metric is None else r / metric
-        ry_next = float(r @ y)
-        d = -y + (ry_next / ry) * d
-        ry = ry_next
-    return CGResult(z, max_iters, False, value)
-
-
-def update_radius(rho: float, radius: float, boundary: bool, cfg: CTRConfig) -> tuple[bool, float]:
-    """The ρ rule: (accepted, next radius)."""
-    if not rho >= cfg.eta1:          # also rejects NaN
-        return False, cfg.shrink * radius
-    if rho >= cfg.eta2 and boundary:
-        return True, min(cfg.grow * radius, cfg.max_radius)
-    return True, radius
-
-
-# --------------------------------------------------------------------------- curvature products
-def flatten(tensors: list[Optional[torch.Tensor]], like: list[torch.Tensor]) -> Vector:
-    """One vector (fp32, or fp64 if a parameter is fp64) of per-parameter tensors; None counts as 0."""
-    dtype = torch.float64 if any(p.dtype == torch.float64 for p in like) else torch.float32
-    return torch.cat([(torch.zeros_like(p) if t is None else t).reshape(-1).to(dtype) for t, p in zip(tensors, like)])
-
-
-def unflatten(vector: Vector, like: list[torch.Tensor]) -> list[torch.Tensor]:
-    out, start = [], 0
-    for p in like:
-        out.append(vector[start:start + p.numel()].view_as(p).to(p.dtype))
-        start += p.numel()
-    return out
-
-
-class CurvatureOperator:
-    """``v ↦ (H + λI) v`` on one batch, matrix-free; H = Gauss–Newton ``Jᵀ H_L J`` or the Hessian.
-
-    Args:
-        pieces: one function per micro-batch returning ``(outputs, loss)`` with the graph to
-            ``params`` (the losses sum to the step's loss).
-        params: the trainable tensors (δ's coordinates).
-        kind: ``ggn`` or ``hessian``.
-        cache: keep each piece's graph for the next product (set when there is one piece).
-        reduce: sums a tensor over processes (identity on one process).
-    """
-
-    def __init__(self, pieces: list[Callable[[], tuple[torch.Tensor, torch.Tensor]]], params: list[torch.Tensor],
-                 kind: str = "ggn", damping: float = 0.0, cache: bool = True,
-                 reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> None:
-        self.pieces, self.params, self.kind, self.damping = pieces, params, kind, damping
-        self.cache, self.reduce = cache, reduce
-        self._graphs: dict[int, tuple] = {}
-        self.loss = 0.0
-
-    def _build(self, i: int) -> tuple:
-        outputs, loss = self.pieces[i]()
-        if self.kind == "hessian":
-            grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
-            return loss, grads
-        grad_out = torch.autograd.grad(loss, outputs, create_graph=True)[0]           # ∇_z L, differentiable
-        u = torch.zeros_like(outputs, requires_grad=True)
-        vjp_u = torch.autograd.grad(outputs, self.params, u, create_graph=True, allow_unused=True)  # Jᵀu
-        return loss, outputs, grad_out, u, vjp_u
-
-    def losses(self) -> float:
-        """Build (and, if caching, keep) every piece's graph; the step's loss L(θ), all-reduced."""
-        total = torch.zeros((), dtype=torch.float64)
-        for i in range(len(self.pieces)):
-            graph = self._build(i)
-            total = total + graph[0].detach().double().cpu()
-            if self.cache:
-                self._graphs[i] = graph
-        self.loss = float(self.reduce(total))
-        return self.loss
-
-    def _product(self, graph: tuple, v: list[torch.Tensor]) -> list[Optional[torch.Tensor]]:
-        if self.kind == "hessian":
-            _, grads = graph
-            used = [(g, x) for g, x in zip(grads, v) if g is not None]
-            hv = torch.autograd.grad([g for g, _ in used], self.params, [x for _, x in used],
-                                     retain_graph=True, allow_unused=True)
-            return list(hv)
-        _, outputs, grad_out, u, vjp_u = graph
-        used = [(g, x) for g, x in zip(vjp_u, v) if g is not None]
-        jv = torch.autograd.grad([g for g, _ in used], u, [x for _, x in used], retain_graph=True)[0]   # J v
-        h_jv = torch.autograd.grad(grad_out, outputs, jv, retain_graph=True)[0]                         # H_L J v
-        return list(torch.autograd.grad(outputs, self.params, h_jv, retain_graph=True, allow_unused=True))
-
-    def __call__(self, v: Vector) -> Vector:
-        parts = unflatten(v, self.params)
-        total = torch.zeros_like(v)
-        for i in range(len(self.pieces)):
-            graph = self._graphs.get(i) or self._build(i)
-            total += flatten(self._product(graph, parts), self.params).to(v.device)
-        total = self.reduce(total)
-        return total + self.damping * v if self.damping else total
-
-    def release(self) -> None:
-        self._graphs.clear()
-
-
-@contextlib.contextmanager
-def double_differentiable_attention():
-    """Attention through PyTorch's math SDPA kernel, the one with a double backward."""
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # pragma: no cover - older torch
-        yield
-        return
-    with sdpa_kernel(SDPBackend.MATH):
-        yield
 
 
 # --------------------------------------------------------------------------- rank schedule
@@ -303,7 +132,9 @@ def component_utility(scores: list[torch.Tensor], components: list[tuple[int, in
 
 # --------------------------------------------------------------------------- the callback
 class TrustRegionStep(Callback):
-    """Replaces the optimizer step with a CTR trust-region step (see the module docstring)."""
+    """Owns the optimizer step: each step is a CTR trust-region step (see the module docstring)."""
+
+    owns_step = True
 
     def __init__(self, cfg: CTRConfig) -> None:
         self.cfg = cfg
@@ -311,11 +142,10 @@ class TrustRegionStep(Callback):
         self.fisher: Optional[Vector] = None
         self.utility: Optional[torch.Tensor] = None
         self.active: Optional[torch.Tensor] = None  # bool per rank-1 component
-        self.grad: Optional[Vector] = None
         self.last: dict[str, float] = {}
 
     def on_train_start(self, trainer: Any) -> None:
-        if getattr(trainer.cfg.task, "loss_sum", None) is not None:
+        if not isinstance(trainer.cfg.task, SupervisedTask):
             raise ConfigError(f"optimizer=ctr works with supervised training only (its curvature products need the "
                               f"model's outputs and the data's own loss), not with task={type(trainer.cfg.task).__name__}. "
                               f"Use optimizer=adamw for reward modelling and RL.")
@@ -333,12 +163,8 @@ class TrustRegionStep(Callback):
                 module.p = 0.0
                 switched += 1
         if switched and trainer.accelerator.is_main_process:
-            from rich.console import Console
-            Console(stderr=True, soft_wrap=True).print(f"[yellow]optimizer=ctr: dropout switched off in {switched} module(s)[/] "
-                                       "(ρ compares two losses of one deterministic function)")
-
-    def after_backward(self, trainer: Any) -> None:
-        self.grad = flatten([p.grad for p in trainer.params], trainer.params)   # before any clipping
+            console.print(f"[yellow]optimizer=ctr: dropout switched off in {switched} module(s)[/] "
+                          "(ρ compares two losses of one deterministic function)")
 
     # -- pieces of the step
     def _metric(self, grad: Vector) -> Optional[Vector]:
@@ -377,42 +203,19 @@ class TrustRegionStep(Callback):
             start += r
         return flatten(masks, params)
 
-    def _pieces(self, trainer: Any) -> list[Callable[[], tuple[torch.Tensor, torch.Tensor]]]:
-        model, task, units = trainer.unwrapped(), trainer.task, trainer.global_units
-        acc = trainer.accelerator
-
-        def piece(batch: dict[str, torch.Tensor]) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
-            def run() -> tuple[torch.Tensor, torch.Tensor]:
-                with acc.autocast():
-                    logits = forward_logits(model, batch)
-                return logits, task_loss(logits, batch["labels"], task) / units
-            return run
-        return [piece(b) for b in trainer.current_batches]
-
-    def _reduce(self, trainer: Any) -> Callable[[torch.Tensor], torch.Tensor]:
-        acc = trainer.accelerator
-        if acc.num_processes == 1:
-            return lambda t: t
-        return lambda t: acc.reduce(t.to(acc.device), "sum").to(t.device)
-
-    @torch.no_grad()
-    def _loss_at(self, pieces: list[Callable], reduce: Callable) -> float:
-        total = torch.zeros((), dtype=torch.float64)
-        for run in pieces:
-            total += run()[1].double().cpu()
-        return float(reduce(total))
-
-    def before_optimizer_step(self, trainer: Any) -> None:
+    def take_step(self, trainer: Any, closure: Any) -> None:
+        """One trust-region step on the gradient in ``p.grad`` (unclipped), the step's forward re-run
+        through ``closure`` (:class:`lorafit.train.trainer.StepClosure`) for curvature products and ρ."""
         cfg, params = self.cfg, trainer.params
-        grad = self.grad.to(params[0].device)
+        grad = flatten([p.grad for p in params], params).to(params[0].device)
         metric = self._metric(grad)
         mask = self._rank_mask(trainer, grad)
         if mask is not None:
             grad = grad * mask
-        pieces, reduce = self._pieces(trainer), self._reduce(trainer)
+        pieces = closure.pieces
         with double_differentiable_attention():
             operator = CurvatureOperator(pieces, params, cfg.curvature, cfg.damping, cache=len(pieces) == 1,
-                                         reduce=reduce)
+                                         reduce=closure.reduce)
             loss_before = operator.losses()
             hvp = operator if mask is None else (lambda v: mask * operator(mask * v))
             result = steihaug_cg(grad, hvp, self.radius, metric, cfg.cg_iters, cfg.cg_tol)
@@ -421,7 +224,7 @@ class TrustRegionStep(Callback):
         with torch.no_grad():
             for p, step in zip(params, unflatten(result.step, params)):
                 p.add_(step)
-        loss_after = self._loss_at(pieces, reduce)
+        loss_after = closure.loss()
         predicted = -result.model_value
         actual = loss_before - loss_after
         rho = actual / predicted if predicted > 0 else 0.0   # no predicted decrease (g = 0): reject
@@ -431,7 +234,6 @@ class TrustRegionStep(Callback):
             with torch.no_grad():
                 for p, old in zip(params, saved):
                     p.copy_(old)
-        self.grad = None
         self.last = {"rho": rho, "radius": radius_used, "accepted": float(accepted),
                      "cg_iters": float(result.iters), "boundary": float(result.boundary),
                      "pred_reduction": predicted, "actual_reduction": actual, "loss_before": loss_before}

@@ -7,14 +7,14 @@ cannot make both factors learn features efficiently: A's fan-in grows with the w
 is the fixed rank r, so with Adam η_A = Θ(1/n) and η_B = Θ(1). LoRA+ (AdamW with η_B = λ η_A)
 fixes that with one extra number.
 
-Parameter groups (from the ``lorafit_factor`` tag a LoRA layer puts on its factors and from the
-module each tensor belongs to — no name patterns; see :func:`loraplus_lr`):
+Parameter groups, from the role each adapter layer declares for its tensors (``param.lorafit_role``,
+:data:`lorafit.adapters.ROLES`; no names, no list of methods here — see :func:`loraplus_lr`):
 
-- ``lora_B`` of every LoRA-factor layer (``LoRALinear`` and subclasses: lora, rslora, dora,
-  lora_dash, rosa) and every other 1-D tensor inside such a layer (DoRA's magnitude, LoRA-Dash's
-  d, a trainable bias): λ · lr — a vector acts on the output side like B, with no wide fan-in;
-- ``lora_A``, RoSA's sparse values (entries of ΔW itself, wide like A) and every tensor outside
-  the adapter layers (a task head, its bias included): lr;
+- role ``B`` (LoRA's B) and ``vector`` (a 1-D output-side tensor of a layer built on s·B·A: DoRA's
+  magnitude, LoRA-Dash's d, the layer's bias if a run trains it): λ · lr — a vector acts on the
+  output side like B, with no wide fan-in;
+- role ``A``, role ``delta`` (RoSA's sparse values: entries of ΔW itself, wide like A) and every
+  untagged tensor (a task head, its bias included; the tensors of adapters without B·A factors): lr;
 - a tensor carrying ``lorafit_lr`` (RoSA's ``sparse_lr``) keeps that learning rate.
 
 Weight decay is applied in every group at ``weight_decay``, 1-D tensors included: the paper
@@ -32,52 +32,39 @@ from typing import Optional
 
 from torch import nn
 
-from lorafit.config import ConfigError, check_range
+from lorafit.config import ConfigError, check_range, option_names, option_schema
 from lorafit.optim.basic import AdamWConfig
 
-FACTOR_ADAPTERS = "adapter=lora, rslora, dora, lora_dash or rosa"
-OTHER_ADAPTERS = "adalora (ΔW = P·Λ·Q with pruned ranks), bone, bat, spectral_a and spectral_r"
-
-
-def module_path(name: str) -> str:
-    """``bert.encoder.layer.0.attention.self.query.lora_B`` → ``bert.encoder.layer.0.attention.self.query``."""
-    return name.rpartition(".")[0]
+OUTPUT_SIDE = ("B", "vector")
+"""The roles LoRA+ gives λ · lr."""
 
 
 def factor_layer_paths(named_params: list[tuple[str, nn.Parameter]]) -> set[str]:
-    """Module paths of the LoRA-factor layers: those owning a tensor tagged ``lorafit_factor == "B"``
-    (the tag is set by ``LoRALinear`` only, so AdaLoRA's ``lora_B`` does not count)."""
-    return {module_path(n) for n, p in named_params if getattr(p, "lorafit_factor", None) == "B"}
+    """Module paths of the layers that declare a LoRA B factor (``lorafit_role == "B"``)."""
+    return {name.rpartition(".")[0] for name, p in named_params if getattr(p, "lorafit_role", None) == "B"}
 
 
-def inside(path: str, layers: set[str]) -> bool:
-    """Is the module ``path`` one of ``layers`` or below one (``query.base`` is inside ``query``)?"""
-    parts = path.split(".")
-    return any(".".join(parts[:k]) in layers for k in range(len(parts), 0, -1))
-
-
-def loraplus_lr(name: str, param: nn.Parameter, layers: set[str], lr: float, ratio: float) -> float:
+def loraplus_lr(param: nn.Parameter, lr: float, ratio: float) -> float:
     """The learning rate LoRA+ gives one tensor (see the module docstring for the rule)."""
     own: Optional[float] = getattr(param, "lorafit_lr", None)
     if own is not None:
         return own
-    factor = getattr(param, "lorafit_factor", None)
-    if factor == "B":
-        return ratio * lr
-    if factor is None and param.ndim == 1 and inside(module_path(name), layers):
-        return ratio * lr
-    return lr
+    return ratio * lr if getattr(param, "lorafit_role", None) in OUTPUT_SIDE else lr
 
 
 def no_factor_error(named_params: list[tuple[str, nn.Parameter]], rule: str) -> ConfigError:
-    """One paragraph: which tensors the run trains, and which adapters ``rule`` supports."""
+    """One paragraph: which tensors the run trains, and what ``rule`` needs."""
     kinds = Counter(n.rpartition(".")[2] for n, _ in named_params)
     found = ", ".join(f"{k} ×{c}" for k, c in kinds.most_common(6)) or "none"
+    names = option_names("adapter")
+    with_factors = [o for o in names if "B" in getattr(option_schema("adapter", o), "roles", ())]
+    with_factors.sort(key=lambda o: (o != "lora", o))   # the plain one first, as the example
+    others = [o for o in names if o not in with_factors]
     return ConfigError(
-        f"optimizer={rule} works on LoRA-factor layers (ΔW = s·B A, built by {FACTOR_ADAPTERS}), but the "
-        f"adapter in use has none: its {len(named_params)} trainable tensors are {found}, and no LoRALinear "
-        f"layer owns them. The adapters {OTHER_ADAPTERS} are not supported. Pick a LoRA-factor "
-        f"adapter, or keep this adapter with optimizer=adamw.")
+        f"optimizer={rule} works on LoRA-factor layers (ΔW = s·B A), which adapter={', '.join(with_factors)} declare, "
+        f"but the adapter in use has none: its {len(named_params)} trainable tensors are {found}. The adapters "
+        f"{', '.join(others)} are not supported. Pick a LoRA-factor adapter, or keep this adapter with "
+        f"optimizer=adamw.")
 
 
 @dataclass
@@ -102,11 +89,10 @@ class LoRAPlusConfig(AdamWConfig):
         Raises:
             ConfigError: no trainable tensor is a LoRA B factor (an adapter without B·A factors).
         """
-        layers = factor_layer_paths(named_params)
-        if not layers:
+        if not factor_layer_paths(named_params):
             raise no_factor_error(named_params, "loraplus")
         groups: dict[float, list[nn.Parameter]] = {self.lr: []}
-        for name, param in named_params:
-            groups.setdefault(loraplus_lr(name, param, layers, self.lr, self.ratio), []).append(param)
+        for _, param in named_params:
+            groups.setdefault(loraplus_lr(param, self.lr, self.ratio), []).append(param)
         return [{"params": params, "lr": lr, "weight_decay": self.weight_decay}
                 for lr, params in groups.items() if params]

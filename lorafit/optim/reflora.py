@@ -51,7 +51,7 @@ from lorafit.adapters.lora import LoRALinear
 from lorafit.config import check_range
 from lorafit.optim.basic import AdamWConfig
 from lorafit.optim.loraplus import factor_layer_paths, no_factor_error
-from lorafit.train.callbacks import Callback
+from lorafit.callbacks import Callback
 
 EPS = torch.finfo(torch.float32).eps
 

@@ -25,7 +25,11 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from lorafit.config import ConfigError, check_range
-from lorafit.data.tasks import DataCommon, collate
+from lorafit.adapters.io import find_adapter_dir
+from lorafit.assemble import load_adapted
+from lorafit.callbacks import Callback
+from lorafit.data.batches import collate
+from lorafit.data.options import DataCommon
 from lorafit.files import read_rows
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -171,7 +175,7 @@ class PreferenceData(DataCommon):
     eval_batch_size: int = 16
     max_length: int = 256
 
-    task_type = "reward"
+    head = "reward"
     num_labels = 1
 
     def __post_init__(self) -> None:
@@ -246,26 +250,30 @@ def score_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase, encoded: lis
 # ------------------------------------------------------------------------------------- task
 @dataclass
 class RewardTask:
-    """``task=reward``: train a reward model on ``data=preference`` with the pairwise loss."""
+    """``task=reward``: train a reward model on ``data=preference`` with the pairwise loss
+    (the :class:`lorafit.task.Task` protocol)."""
 
     def prepare(self, cfg: Any) -> None:
         """Refuse data that is not preference pairs."""
-        if getattr(cfg.data, "task_type", None) != "reward":
+        if getattr(cfg.data, "head", None) != "reward":
             raise ConfigError(f"task=reward trains on preference pairs, but data={type(cfg.data).__name__} was "
                               f"chosen. Add data=preference data.path=FILE (sharegpt-style JSON or "
                               f"{{prompt, chosen, rejected}} JSONL).")
+
+    def callbacks(self) -> list[Callback]:
+        return []
 
     def count_units(self, batch: dict[str, torch.Tensor]) -> int:
         """Loss terms of a micro-batch: one per pair."""
         return int(batch["input_ids"].shape[0])
 
-    def loss_sum(self, trainer: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Summed pairwise loss of a micro-batch of pairs."""
-        rewards = pair_rewards(trainer.model, batch)
-        return pairwise_loss(rewards[:, 0], rewards[:, 1])
+    def forward(self, trainer: Any, batch: dict[str, torch.Tensor], model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (pairs × 2) rewards and the summed pairwise loss of a micro-batch of pairs."""
+        rewards = pair_rewards(model, batch)
+        return rewards, pairwise_loss(rewards[:, 0], rewards[:, 1])
 
     @torch.no_grad()
-    def evaluate_split(self, trainer: Any, dataset: Any) -> dict[str, float]:
+    def evaluate(self, trainer: Any, dataset: Any) -> dict[str, float]:
         """Pairwise accuracy, mean margin and loss on a held-out split (main-process order)."""
         model = trainer.model
         was_training = model.training
@@ -284,8 +292,6 @@ class RewardTask:
 
 def load_reward_model(run: str, device: Optional[torch.device] = None) -> Any:
     """A trained ``task=reward`` run (its adapter, applied to its base, head included), in eval mode."""
-    from lorafit.assemble import find_adapter_dir, load_adapted
-
     adapter_dir = find_adapter_dir(run)
     if adapter_dir is None:
         raise ConfigError(f"reward.run={run!r} holds no adapter (adapter/adapter_config.json). Give the folder of a "

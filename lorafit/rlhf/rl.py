@@ -37,8 +37,10 @@ from torch import nn
 
 from lorafit.adapters import adapters_disabled
 from lorafit.config import ConfigError, check_choice, check_range
-from lorafit.data.tasks import IGNORE_INDEX
-from lorafit.train.callbacks import Callback
+from lorafit.data.batches import IGNORE_INDEX
+from lorafit.callbacks import Callback
+from lorafit.rlhf.reward import encode_responses, load_reward_model, score_ids
+from lorafit.task import evaluate_head
 
 RewardFn = Callable[[list[str], list[str], list[list[int]]], Sequence[float]]
 
@@ -193,8 +195,6 @@ class RewardConfig:
         if not self.run:
             raise ConfigError("task=rl needs a reward: reward.run=RM_RUN (a `lorafit train task=reward` run) or "
                               "reward.function=package.module:function (a programmatic reward).")
-        from lorafit.rlhf.reward import encode_responses, load_reward_model, score_ids
-
         assembled = load_reward_model(self.run, device)
 
         def reward_model(prompts: list[str], completions: list[str], completion_ids: list[list[int]]) -> torch.Tensor:
@@ -236,6 +236,8 @@ class RLTask:
         kl_coef: ``β`` of the shaped return ``r - β·KL``.
         clip_eps: PPO's ``ε``.
         ppo_epochs: PPO: optimizer steps taken on each batch of samples (1 = fresh samples every step).
+        reward: where rewards come from (``task.reward.run`` / ``task.reward.function``; the
+            top-level ``reward.run=`` / ``reward.function=`` of earlier versions still work).
     """
 
     estimator: str = "rloo"
@@ -246,6 +248,7 @@ class RLTask:
     kl_coef: float = 0.05
     clip_eps: float = 0.2
     ppo_epochs: int = 1
+    reward: RewardConfig = field(default_factory=lambda: RewardConfig())
 
     def __post_init__(self) -> None:
         check_choice("task.estimator", self.estimator, ["rloo", "ppo"])
@@ -260,23 +263,21 @@ class RLTask:
             raise ConfigError(f"task.ppo_epochs={self.ppo_epochs} needs task.estimator=ppo (RLOO is on-policy: "
                               f"every step samples afresh). Add task.estimator=ppo or drop task.ppo_epochs.")
         self._reward_fn: Optional[RewardFn] = None
-        self._reward_cfg: Optional[RewardConfig] = None
         self._cache: dict[int, Rollout] = {}
         self._micro = 0
         self._stats: list[dict[str, Any]] = []
 
-    # -- hooks called by lorafit.run.train and the trainer
+    # -- the lorafit.task.Task protocol
     def prepare(self, cfg: Any) -> None:
         """Check model, data and reward fit RL; the reward source is loaded at the first step."""
-        if getattr(cfg.data, "task_type", None) != "causal_lm":
+        if cfg.data.head != "causal_lm":
             raise ConfigError(f"task=rl samples completions from a causal LM, so it needs prompts from data=instruct "
                               f"(data.path=FILE); data={type(cfg.data).__name__} was chosen.")
-        if cfg.reward is None or not (cfg.reward.run or cfg.reward.function):
+        if not (self.reward.run or self.reward.function):
             raise ConfigError("task=rl needs a reward: reward.run=RM_RUN (a `lorafit train task=reward` run) or "
                               "reward.function=package.module:function (e.g. lorafit.rlhf.toy:token_range_fraction).")
-        if cfg.reward.function:
-            import_function(cfg.reward.function)  # fail now, not at the first step
-        self._reward_cfg = cfg.reward
+        if self.reward.function:
+            import_function(self.reward.function)  # fail now, not at the first step
 
     def callbacks(self) -> list[Callback]:
         return [RLStepCallback(self)]
@@ -285,9 +286,10 @@ class RLTask:
         """Loss terms of a micro-batch: one per prompt."""
         return int(batch["input_ids"].shape[0])
 
-    def loss_sum(self, trainer: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Sample (or reuse, PPO), score, and return the micro-batch's summed per-prompt loss."""
-        model, k = trainer.model, self.samples_per_prompt
+    def forward(self, trainer: Any, batch: dict[str, torch.Tensor], model: nn.Module) -> tuple[None, torch.Tensor]:
+        """Sample (or reuse, PPO), score, and return the micro-batch's summed per-prompt loss (no
+        outputs: the loss depends on samples, not on logits of the batch alone)."""
+        k = self.samples_per_prompt
         key = self._micro
         self._micro += 1
         fresh = trainer.step % self.ppo_epochs == 0 or key not in self._cache
@@ -311,16 +313,18 @@ class RLTask:
         n_tokens = float(mask.sum())
         self._stats.append({**rollout.stats, "entropy_sum": float((entropy.detach() * mask).sum()),
                             "clipped": float(clipped.sum()), "tokens": n_tokens})
-        return per_seq.sum() / k
+        return None, per_seq.sum() / k
+
+    def evaluate(self, trainer: Any, dataset: Any) -> dict[str, float]:
+        """The held-out prompts' language-model loss, as ``task=supervised`` scores them."""
+        return evaluate_head(trainer, dataset)
 
     @torch.no_grad()
     def _score(self, trainer: Any, rollout: Rollout) -> None:
         """Reference log-probs (adapters off), rewards, k1 KL, shaped returns and RLOO advantages."""
         if self._reward_fn is None:
-            if self._reward_cfg is None:
-                raise ConfigError("task=rl has no reward source; run it through `lorafit train` (task.prepare).")
             with torch.random.fork_rng(devices=[]):  # loading seeds new heads; keep the sampling stream intact
-                self._reward_fn = self._reward_cfg.build(trainer.accelerator.device, trainer.cfg.data.max_length)
+                self._reward_fn = self.reward.build(trainer.accelerator.device, trainer.cfg.data.max_length)
         model = trainer.unwrapped()
         with adapters_disabled(model):
             ref_logp, _ = token_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.mask.shape[1])

@@ -1,4 +1,6 @@
-"""Step checkpoints: adapter + optimizer/scheduler/RNG/callback state, written atomically.
+"""The run folder and its step checkpoints: adapter + optimizer/scheduler/RNG/callback state.
+
+A run folder (``output_dir``) holds what :data:`RUN_ENTRIES` lists, marked by ``lorafit_train.json``.
 
 ``RUN/checkpoints/step-000050/`` holds the adapter files (as ``RUN/adapter/``), the run's
 ``config.yaml``, and ``trainer_state.pt`` (optimizer, scheduler, step, callbacks, process layout)
@@ -20,6 +22,11 @@ import numpy as np
 import torch
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
+
+RUN_MARKER = "lorafit_train.json"
+RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "results.json", "adapter", "checkpoints", "cache", "base", "tb",
+               "error.log", RUN_MARKER)
+"""What ``lorafit train`` writes into a run folder; ``overwrite=true`` removes these and nothing else."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -61,3 +68,11 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob("*.tmp"):
         shutil.rmtree(stale, ignore_errors=True)
+
+
+def is_run_folder(folder: Path) -> bool:
+    """A folder written by ``lorafit train``: this version's marker, an earlier version's layout, or
+    step checkpoints (a run's ``checkpoints/`` copied elsewhere to resume from)."""
+    return ((folder / RUN_MARKER).is_file() or latest_checkpoint(folder) is not None
+            or ((folder / "config.yaml").is_file() and any(
+                (folder / name).exists() for name in ("adapter", "checkpoints", "metrics.jsonl"))))

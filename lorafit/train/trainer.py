@@ -1,18 +1,25 @@
 """The training loop: one method, one step, on ``accelerate``.
 
 The trainer knows nothing of any method. It owns the data order, accumulation, precision,
-clipping, logging, evaluation and checkpoints; adapters, inits and step rules reach in only
-through the callback events of ``lorafit.train.callbacks``.
+clipping, logging, evaluation and checkpoints; what is optimised comes from the task
+(:class:`lorafit.task.Task`: ``count_units``, ``forward``, ``evaluate``), and adapters, inits and step
+rules reach in only through the callback events of :mod:`lorafit.callbacks`.
 
 What one optimizer step does (:meth:`Trainer.train_step`):
 
 1. take the step's global batch (``data.batch_size`` examples, from a per-epoch permutation
    seeded by ``seed``), keep this process's share, split it into ``grad_accum_steps`` micro-batches;
-2. count the loss terms of the whole step on every process (examples, or labelled tokens);
-3. for each micro-batch: forward under autocast, the *summed* loss × processes / global count,
-   backward (gradient sync only on the last micro-batch); callbacks may add a regulariser;
-4. ``after_backward`` → clip → ``before_optimizer_step`` → ``optimizer.step()`` →
-   ``after_optimizer_step`` → scheduler step → ``zero_grad``.
+2. count the loss terms of the whole step on every process (``task.count_units``: examples, or
+   labelled tokens);
+3. for each micro-batch: ``task.forward`` under autocast, the *summed* loss × processes / global
+   count, backward (gradient sync only on the last micro-batch); callbacks may add a regulariser;
+4. ``after_backward`` → clip → ``before_optimizer_step`` → the step → ``after_optimizer_step`` →
+   scheduler step → zero the gradients.
+
+The step is the optimizer's ``step()``, unless a callback owns it (``Callback.owns_step``, CTR's
+trust region): that callback's ``take_step(trainer, closure)`` gets a :class:`StepClosure` that
+re-runs the step's forward per micro-batch, and there is no torch optimizer, no scheduler and no
+clipping (the rule bounds its own step). Plain optimizers never see a closure.
 
 Normalising by the global count makes the gradient the exact mean over the global batch, so
 one process, two processes or several accumulation steps give the same update up to round-off,
@@ -39,20 +46,52 @@ from typing import Any, Optional
 
 import torch
 from accelerate import Accelerator
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from lorafit.adapters import load_adapter_state, trainable_parameters
-from lorafit.assemble import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Assembled, save_adapter
+from lorafit.adapters.io import ADAPTER_CONFIG, Assembled, read_adapter_weights, save_adapter
+from lorafit.callbacks import Callback
 from lorafit.config import ConfigError, TrainConfig, to_yaml
-from lorafit.data.tasks import collate, count_loss_units
-from lorafit.evaluate import forward_logits, predict, score, task_loss
-from lorafit.files import fault_point, load_state, load_tensors, read_json
-from lorafit.train.callbacks import Callback
+from lorafit.console import console
+from lorafit.data.batches import collate
+from lorafit.files import fault_point, load_state, read_json
 from lorafit.train.checkpoint import (checkpoint_dir, latest_checkpoint, prune_checkpoints, rng_state,
                                       set_rng_state)
 
-console = Console(stderr=True, soft_wrap=True)
+Batch = dict[str, torch.Tensor]
+
+class StepClosure:
+    """The step's forward again, per micro-batch, for the callback that owns the step.
+
+    torch's LBFGS convention (a closure that re-evaluates the loss), widened for a second-order
+    rule: ``pieces[i]()`` re-runs this process's micro-batch ``i`` (``batches[i]``) and returns ``(outputs, loss_i)``
+    with the graph to the trainable parameters, where the sum of ``loss_i`` over micro-batches and
+    processes (:attr:`reduce`) is the step's mean loss. Forwards use the unwrapped model (no
+    gradient sync) under the run's autocast.
+    """
+
+    def __init__(self, trainer: "Trainer", batches: list[Batch], units: float) -> None:
+        model, task, acc = trainer.unwrapped(), trainer.cfg.task, trainer.accelerator
+
+        def piece(batch: Batch):
+            def run() -> tuple[Optional[torch.Tensor], torch.Tensor]:
+                with acc.autocast():
+                    outputs, summed = task.forward(trainer, batch, model)
+                return outputs, summed / units
+            return run
+
+        self.batches = batches
+        self.pieces = [piece(b) for b in batches]
+        self.reduce = ((lambda t: t) if acc.num_processes == 1
+                       else (lambda t: acc.reduce(t.to(acc.device), "sum").to(t.device)))
+
+    @torch.no_grad()
+    def loss(self) -> float:
+        """The step's mean loss at the current parameters (float64 sum over micro-batches and processes)."""
+        total = torch.zeros((), dtype=torch.float64)
+        for run in self.pieces:
+            total += run()[1].double().cpu()
+        return float(self.reduce(total))
 
 
 class Interrupted(Exception):
@@ -89,7 +128,7 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.output_dir)
         self.assembled = assembled
-        self.task = assembled.meta["task"]
+        self.head = assembled.meta["task"]
         self.pad_id = assembled.tokenizer.pad_token_id
         self.train_set = train_set
         self.eval_sets = eval_sets
@@ -112,9 +151,20 @@ class Trainer:
 
         named = trainable_parameters(assembled.model)
         self.params = [p for _, p in named]
-        optimizer = cfg.optimizer.build(named)
-        self.scheduler = cfg.optimizer.make_scheduler(optimizer, self.total_steps)
-        self.model, self.optimizer = accelerator.prepare(assembled.model, optimizer)
+        owners = [cb for cb in callbacks if cb.owns_step]
+        if len(owners) > 1:
+            raise ConfigError(f"Two callbacks want to own the optimizer step ({', '.join(type(o).__name__ for o in owners)}); "
+                              f"only one step rule can run at a time.")
+        self.step_owner: Optional[Callback] = owners[0] if owners else None
+        optimizer = cfg.optimizer.build(named)        # None when a callback owns the step
+        self.scheduler = cfg.optimizer.make_scheduler(optimizer, self.total_steps) if optimizer is not None else None
+        if optimizer is None:
+            if self.step_owner is None:
+                raise ConfigError(f"optimizer={type(cfg.optimizer).__name__} builds no optimizer and no callback owns "
+                                  f"the step; nothing would update the parameters.")
+            self.model, self.optimizer = accelerator.prepare(assembled.model), None
+        else:
+            self.model, self.optimizer = accelerator.prepare(assembled.model, optimizer)
         self._epoch_order: tuple[int, torch.Tensor] = (-1, torch.empty(0))
         self._writer = None
         self._last_eval: dict[str, dict] = {}
@@ -136,30 +186,18 @@ class Trainer:
                 for i in range(0, share, self.micro_batch)]
 
     # ----------------------------------------------------------------- one step
-    def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Forward one micro-batch; its summed loss (a ``task`` with its own ``loss_sum`` —
-        reward modelling, RL — supplies it instead: ``task.loss_sum(trainer, batch)``)."""
-        custom = getattr(self.cfg.task, "loss_sum", None)
-        if custom is not None:
-            return custom(self, batch)
-        logits = forward_logits(self.model, batch)
-        return task_loss(logits, batch["labels"], self.task)
-
-    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-        acc = self.accelerator
+    def train_step(self, micro_batches: list[Batch]) -> dict[str, float]:
+        acc, task = self.accelerator, self.cfg.task
         self.model.train()
-        count = getattr(self.cfg.task, "count_units", None) or count_loss_units
-        units = sum(count(b) for b in micro_batches)
+        units = sum(task.count_units(b) for b in micro_batches)
         global_units = acc.reduce(torch.tensor(float(units), device=acc.device), "sum").item()
         scale = acc.num_processes / max(global_units, 1.0)
-        # What step rules that re-evaluate the loss on the same batch (CTR's ρ) need.
-        self.current_batches, self.global_units = micro_batches, max(global_units, 1.0)
         loss_total = torch.zeros((), device=acc.device)
         for i, batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             with contextlib.nullcontext() if last else acc.no_sync(self.model):
                 with acc.autocast():
-                    summed = self.loss_sum(batch)
+                    summed = task.forward(self, batch, self.model)[1]
                     loss = summed * scale
                     if last:
                         for extra in filter(None, (cb.extra_loss(self) for cb in self.callbacks)):
@@ -170,21 +208,38 @@ class Trainer:
         for cb in self.callbacks:
             cb.after_backward(self)
         grad_norm = None
-        if self.cfg.max_grad_norm > 0:
+        if self.cfg.max_grad_norm > 0 and self.step_owner is None:
             grad_norm = float(acc.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
+        elif self.cfg.max_grad_norm > 0:   # logged, not clipped: the owner's rule bounds the step
+            grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None]))
         scaled = self.cfg.hardware.mixed_precision == "fp16"  # fp16 loss scaling skips inf gradients itself
         if not math.isfinite(mean_loss) or (grad_norm is not None and not math.isfinite(grad_norm) and not scaled):
-            self.optimizer.zero_grad(set_to_none=True)
+            self.zero_grad()
             raise diverged(self.step, mean_loss, grad_norm, self.cfg, latest_checkpoint(self.run_dir))
         for cb in self.callbacks:
             cb.before_optimizer_step(self)
-        self.optimizer.step()
+        if self.step_owner is not None:
+            self.step_owner.take_step(self, StepClosure(self, micro_batches, max(global_units, 1.0)))
+        else:
+            self.optimizer.step()
         for cb in self.callbacks:
             cb.after_optimizer_step(self)
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.zero_grad()
         self.step += 1
         return {"loss": mean_loss, "grad_norm": grad_norm}
+
+    def zero_grad(self) -> None:
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+        for p in self.params:
+            p.grad = None
+
+    @property
+    def lr(self) -> float:
+        """The learning rate of the first parameter group (0 when a callback owns the step)."""
+        return self.scheduler.get_last_lr()[0] if self.scheduler is not None else 0.0
 
     # ----------------------------------------------------------------- the loop
     def fit(self) -> dict[str, dict]:
@@ -203,7 +258,7 @@ class Trainer:
                 t_step = time.perf_counter()
                 stats = self.train_step(self.step_batches(self.step))
                 stats.update(step=self.step, epoch=self.step / self.steps_per_epoch,
-                             lr=self.scheduler.get_last_lr()[0],
+                             lr=self.lr,
                              samples_per_s=cfg.data.batch_size / (time.perf_counter() - t_step),
                              elapsed_s=time.perf_counter() - t0)
                 progress.update(task_id, advance=1, info=f"loss {stats['loss']:.4f}  lr {stats['lr']:.2e}  "
@@ -271,13 +326,7 @@ class Trainer:
     def evaluate(self) -> dict[str, dict]:
         results = {}
         for name, dataset in self.eval_sets.items():
-            custom = getattr(self.cfg.task, "evaluate_split", None)
-            if custom is not None:
-                results[name] = custom(self, dataset)
-            else:
-                result = predict(self.model, dataset, self.task, self.cfg.data.eval_batch_size, self.pad_id,
-                                 self.accelerator.device, self.accelerator)
-                results[name] = score(self.cfg.data, result)
+            results[name] = self.cfg.task.evaluate(self, dataset)
             self.log({"step": self.step, "split": name, **{f"eval/{k}": v for k, v in results[name].items()}})
         for cb in self.callbacks:
             cb.on_evaluate(self, results)
@@ -332,8 +381,9 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a run killed while saving this step
             save_adapter(tmp / "adapter", self.unwrapped(), self.assembled.meta)
             (tmp / "config.yaml").write_text(to_yaml(self.cfg))
-            torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
-                        "scheduler": self.scheduler.state_dict(),
+            torch.save({"step": self.step,
+                        "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+                        "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                         "callbacks": [cb.state_dict() for cb in self.callbacks],
                         "num_processes": acc.num_processes, "grad_accum_steps": self.cfg.hardware.grad_accum_steps},
                        tmp / "trainer_state.pt")
@@ -363,10 +413,11 @@ class Trainer:
                               f"{found} was trained on (weights fingerprint {self.assembled.meta['base_fingerprint']}, "
                               f"expected {saved_meta.get('base_fingerprint')}). Point model.name_or_path at the original "
                               f"base ('{saved_meta.get('base_model')}').")
-        load_adapter_state(self.unwrapped(), load_tensors(found / "adapter" / ADAPTER_WEIGHTS, "Checkpoint adapter file"))
+        load_adapter_state(self.unwrapped(), read_adapter_weights(found / "adapter", "Checkpoint adapter file"))
         state = load_state(found / "trainer_state.pt")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
         for cb, cb_state in zip(self.callbacks, state["callbacks"]):
             cb.load_state_dict(cb_state)
         self.step = state["step"]

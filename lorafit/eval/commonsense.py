@@ -33,21 +33,23 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
-from rich.console import Console
 from rich.progress import Progress
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from lorafit.adapters.io import find_adapter_dir
 from lorafit.config import ConfigError, EvalConfig
+from lorafit.console import console
 from lorafit.data.commonsense import CommonsenseData, CommonsenseTask, get_commonsense_task
-from lorafit.data.tasks import alpaca_prompt
-from lorafit.evaluate import predict
+from lorafit.data.options import alpaca_prompt
+from lorafit.eval.load import Scored, load_for_scoring, natural_head
+from lorafit.eval.report import print_results, save_eval
 from lorafit.metrics import accuracy
+from lorafit.task import predict
 
-console = Console(stderr=True, soft_wrap=True)
 
-PROTOCOL_OF_TASK = {"multiple_choice": "mc_head", "causal_lm": "loglik"}
-TASK_OF_PROTOCOL = {"mc_head": "multiple_choice", "loglik": "causal_lm", "generate": "causal_lm"}
+PROTOCOL_OF_HEAD = {"multiple_choice": "mc_head", "causal_lm": "loglik"}
+HEAD_OF_PROTOCOL = {"mc_head": "multiple_choice", "loglik": "causal_lm", "generate": "causal_lm"}
 MAX_CONTINUATION_TOKENS = 4096
 """``loglik`` batches hold at most this many (padded) continuation tokens, which bounds the
 ``tokens × vocabulary`` logits tensor; a batch always holds at least one example."""
@@ -277,64 +279,21 @@ def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _any_special_id(tokenizer)
 
 
-def load_for_protocol(path: str, protocol: str) -> tuple[nn.Module, PreTrainedTokenizerBase, str, str]:
-    """The model to score and the protocol (``auto`` resolved): (model, tokenizer, kind, protocol).
-
-    A run folder gives its adapted model (``multiple_choice`` runs → ``mc_head``, ``causal_lm``
-    runs → ``loglik`` or ``generate``); a plain folder is loaded with the auto class the protocol
-    needs (``auto``: ``*ForMultipleChoice`` → ``mc_head``, ``*ForCausalLM`` → ``loglik``, else by
-    whether the architecture has a multiple-choice head).
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMultipleChoice, AutoTokenizer
-    from transformers.models.auto.modeling_auto import MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES
-
-    from lorafit.assemble import find_adapter_dir, load_adapted
-    from lorafit.models import from_pretrained
-    from lorafit.run import EVAL_FIX
-
-    adapter_dir = find_adapter_dir(path)
-    if adapter_dir is not None:
-        assembled = load_adapted(adapter_dir)
-        task = assembled.meta["task"]
-        if task not in PROTOCOL_OF_TASK:
-            raise ConfigError(f"{path} was trained for {task} (e.g. a GLUE task), not for the commonsense suite. "
-                              f"Train with data=commonsense (a multiple-choice head or causal-LM SFT), or evaluate a "
-                              f"base or merged model folder.")
-        protocol = PROTOCOL_OF_TASK[task] if protocol == "auto" else protocol
-        if TASK_OF_PROTOCOL[protocol] != task:
-            raise ConfigError(f"protocol={protocol} needs a {TASK_OF_PROTOCOL[protocol]} model, but {path} was trained "
-                              f"as {task}. Use protocol={PROTOCOL_OF_TASK[task]}"
-                              f"{' (or generate)' if task == 'causal_lm' else ''}.")
-        return assembled.model, assembled.tokenizer, "adapter (unmerged)", protocol
-    if not (Path(path) / "config.json").is_file():
-        raise ConfigError(f"'{path}' is neither a lorafit run folder (adapter/adapter_config.json) nor a Hugging "
-                          f"Face model folder (config.json). Give a run folder, a merged folder or a base model.")
-    config = from_pretrained(AutoConfig.from_pretrained, path, "a model config", EVAL_FIX)
-    architectures = config.architectures or []
-    has_mc = config.model_type in MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES
-    trained_mc = any(a.endswith("ForMultipleChoice") for a in architectures)
-    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures) or not has_mc
-    if protocol == "auto":
-        protocol = "mc_head" if trained_mc or not causal else "loglik"
-    tokenizer = from_pretrained(AutoTokenizer.from_pretrained, path, "a tokenizer", EVAL_FIX)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    if protocol == "mc_head":
-        if not has_mc:
-            raise ConfigError(f"protocol=mc_head needs an encoder with a multiple-choice head; {path} is a "
-                              f"{config.model_type} model without one. Use protocol=loglik or protocol=generate.")
-        if not trained_mc:
-            console.print(f"[yellow]warning:[/] {path} has no trained multiple-choice head; a new random head is "
-                          f"used, so scores are near chance. Fine-tune one with `lorafit train data=commonsense`.")
-        model = from_pretrained(AutoModelForMultipleChoice.from_pretrained, path, "the model", EVAL_FIX)
-    else:
-        if not causal:
-            raise ConfigError(f"protocol={protocol} needs a causal language model; {path} is a {config.model_type} "
-                              f"encoder. Use protocol=mc_head.")
-        model = from_pretrained(AutoModelForCausalLM.from_pretrained, path, "the model", EVAL_FIX)
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer, "plain", protocol
+def load_for_protocol(path: str, protocol: str) -> tuple[Scored, str]:
+    """The model to score and the protocol (``auto`` resolved from the folder's head: a run's own, or
+    for a plain folder ``*ForMultipleChoice`` → ``mc_head``, a causal LM → ``loglik``)."""
+    natural = natural_head(path)
+    run = find_adapter_dir(path) is not None
+    if run and natural not in PROTOCOL_OF_HEAD:
+        raise ConfigError(f"{path} was trained for {natural} (e.g. a GLUE task), not for the commonsense suite. "
+                          f"Train with data=commonsense (a multiple-choice head or causal-LM SFT), or evaluate a "
+                          f"base or merged model folder.")
+    protocol = PROTOCOL_OF_HEAD[natural] if protocol == "auto" else protocol
+    head = HEAD_OF_PROTOCOL[protocol]
+    if run and head != natural:
+        raise ConfigError(f"protocol={protocol} needs a {head} model, but {path} was trained as {natural}. Use "
+                          f"protocol={PROTOCOL_OF_HEAD[natural]}{' (or generate)' if natural == 'causal_lm' else ''}.")
+    return load_for_scoring(path, head, wanted=f"protocol={protocol}"), protocol
 
 
 # -------------------------------------------------------------------------------------- eval
@@ -344,8 +303,6 @@ def evaluate_commonsense(path: str, cfg: EvalConfig) -> dict[str, dict]:
     Returns:
         ``{task: {"protocol", "acc", ("acc_norm" for loglik, "no_answer" for generate), "n"}}``.
     """
-    from lorafit.run import make_accelerator, print_results, save_eval
-
     data = cfg.data
     if not isinstance(data, CommonsenseData):
         raise ConfigError(f"suite=commonsense reads data=commonsense, but data={type(data).__name__} was chosen. "
@@ -353,11 +310,11 @@ def evaluate_commonsense(path: str, cfg: EvalConfig) -> dict[str, dict]:
     data.max_eval_examples = cfg.limit
     tasks = [get_commonsense_task(t).name for t in cfg.tasks] if cfg.tasks else data.task_names("test")
     rows = {task: data.rows(task) for task in tasks}  # every file is checked before the model loads
-    accelerator = make_accelerator(cfg.hardware)
+    accelerator = cfg.hardware.accelerator()
     if accelerator.num_processes > 1:
         raise ConfigError("lorafit eval suite=commonsense runs in one process; start it without accelerate launch.")
-    model, tokenizer, kind, protocol = load_for_protocol(path, cfg.protocol)
-    model.to(accelerator.device).eval()
+    scored, protocol = load_for_protocol(path, cfg.protocol)
+    model, tokenizer, kind = scored.model.to(accelerator.device), scored.tokenizer, scored.kind
     results, predictions = {}, {}
     with Progress(console=console) as progress:
         for task in tasks:

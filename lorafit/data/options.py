@@ -1,15 +1,19 @@
-"""The ``data`` config group: what to read, how to tokenise it, how to score it.
+"""The ``data`` config group's options: what to read and how to encode and score it.
 
-Every option is a dataclass with the same small surface, which the trainer and ``lorafit eval``
-use without knowing the dataset:
+Every option is a dataclass derived from :class:`DataCommon` with the same small surface, which the
+trainer, the tasks and ``lorafit eval`` use without knowing the dataset:
 
-- ``task_type`` (``classification`` | ``regression`` | ``causal_lm`` | ``multiple_choice``) and ``num_labels``;
+- ``head`` (``classification`` | ``regression`` | ``causal_lm`` | ``multiple_choice`` | ``reward``:
+  the model's output head, see :mod:`lorafit.models`) and ``num_labels``;
+- ``eval_splits`` and ``split_name(split)`` (the result key of a split);
 - ``rows(split)``: raw examples as dicts (``split`` is ``train`` or one of ``eval_splits``);
 - ``encode(row, tokenizer)``: one example's token ids and label(s);
-- ``metrics(predictions, labels)``: the official metrics of the task.
+- ``metrics(predictions, labels)``: the official metrics of the data;
+- ``resolve(model_cfg)``: settle what depends on the model before anything loads (a no-op but for
+  ``data=commonsense``, whose head follows the architecture).
 
-Tokenisation happens once per run through :func:`tokenize` (a ``datasets`` map, cached under the
-run folder), and :func:`collate` pads each micro-batch to its own longest sequence.
+Options elsewhere: ``data=commonsense`` (:mod:`lorafit.data.commonsense`), ``data=preference``
+(:mod:`lorafit.rlhf.reward`). Tokenising and batching: :mod:`lorafit.data.batches`.
 """
 
 from __future__ import annotations
@@ -18,14 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 from transformers import PreTrainedTokenizerBase
 
-from lorafit.config import ConfigError, check_range
+from lorafit.config import ConfigError, ModelConfig, check_range
 from lorafit.data import glue
-from lorafit.metrics import accuracy, glue_metrics
-
-IGNORE_INDEX = -100
+from lorafit.data.batches import IGNORE_INDEX
+from lorafit.metrics import accuracy
 
 ALPACA_PROMPT = ("Below is an instruction that describes a task{context}. Write a response that "
                  "appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n{input_block}"
@@ -54,6 +56,9 @@ class DataCommon:
         check_range("data.batch_size", self.batch_size, 1)
         check_range("data.eval_batch_size", self.eval_batch_size, 1)
         check_range("data.max_length", self.max_length, 2)
+
+    def resolve(self, model: ModelConfig) -> None:
+        """Settle what depends on the model (nothing, for most options)."""
 
     def limited(self, rows: list[dict], split: str) -> list[dict]:
         limit = self.max_train_examples if split == "train" else self.max_eval_examples
@@ -91,7 +96,7 @@ class GlueData(DataCommon):
         return glue.get_task(self.task)
 
     @property
-    def task_type(self) -> str:
+    def head(self) -> str:
         return "regression" if self.spec.is_regression else "classification"
 
     @property
@@ -119,7 +124,7 @@ class GlueData(DataCommon):
         return encode_pair(tokenizer, row["text_a"], row.get("text_b"), row["label"], self.max_length)
 
     def metrics(self, predictions: list, labels: list) -> dict[str, float]:
-        return glue_metrics(self.task, predictions, labels)
+        return glue.glue_metrics(self.task, predictions, labels)
 
 
 @dataclass
@@ -131,7 +136,7 @@ class SentimentDemoData(DataCommon):
 
     path: str = ""
 
-    task_type = "classification"
+    head = "classification"
     num_labels = 2
     eval_splits = ("dev",)
 
@@ -167,7 +172,7 @@ class InstructData(DataCommon):
     eval_fraction: float = 0.05
     max_length: int = 256
 
-    task_type = "causal_lm"
+    head = "causal_lm"
     num_labels = 0
 
     @property
@@ -225,71 +230,3 @@ def read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
     if not Path(path).is_file():
         raise ConfigError(f"Data file {path} does not exist. Point data.path at an existing file or folder.")
     return read_rows(Path(path), required)
-
-
-def tokenize(data: Any, split: str, tokenizer: PreTrainedTokenizerBase, cache_dir: Optional[Path]):
-    """Tokenise a split once; the result is a ``datasets.Dataset`` cached under ``cache_dir``."""
-    import datasets
-
-    rows = data.rows(split)
-    if not rows:
-        raise ConfigError(f"The {split} split of data={type(data).__name__} is empty.")
-    # Tokenise row by row in Python and hand the result to `datasets` for the on-disk cache:
-    # the rows themselves may hold mixed types (labels int or float) that Arrow would coerce.
-    encoded = [data.encode(row, tokenizer) for row in rows]
-    ds = datasets.Dataset.from_list(encoded)
-    if cache_dir is not None:
-        target = Path(cache_dir) / f"{split}"
-        if not target.exists():
-            ds.save_to_disk(str(target))
-        ds = datasets.load_from_disk(str(target))
-    return ds.with_format(None)
-
-
-def collate(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Pad a micro-batch to its longest sequence (right padding; labels padded with -100).
-
-    Multiple-choice features (``input_ids`` a list of token lists, one per choice) go to
-    :func:`collate_choices`.
-    """
-    if features[0]["input_ids"] and isinstance(features[0]["input_ids"][0], list):
-        return collate_choices(features, pad_token_id)
-    longest = max(len(f["input_ids"]) for f in features)
-    batch: dict[str, torch.Tensor] = {}
-    for key in features[0]:
-        values = [f[key] for f in features]
-        if isinstance(values[0], list):
-            pad = {"input_ids": pad_token_id, "labels": IGNORE_INDEX}.get(key, 0)
-            batch[key] = torch.tensor([v + [pad] * (longest - len(v)) for v in values])
-        else:
-            batch[key] = torch.tensor(values)
-    return batch
-
-
-def collate_choices(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Multiple choice: pad to ``(batch, choices, longest)``, plus ``choice_mask`` ``(batch, choices)``.
-
-    An example with fewer choices than the batch's most (ARC has 3 to 5) repeats its first choice
-    to fill the row; ``choice_mask`` marks those copies False, and
-    :func:`lorafit.evaluate.forward_logits` gives them the lowest logit.
-    """
-    n_choices = max(len(f["input_ids"]) for f in features)
-    longest = max(len(seq) for f in features for seq in f["input_ids"])
-    batch: dict[str, torch.Tensor] = {}
-    for key in features[0]:
-        if key == "labels":
-            batch[key] = torch.tensor([f[key] for f in features])
-            continue
-        pad = pad_token_id if key == "input_ids" else 0
-        rows = [f[key] + [f[key][0]] * (n_choices - len(f[key])) for f in features]
-        batch[key] = torch.tensor([[seq + [pad] * (longest - len(seq)) for seq in row] for row in rows])
-    batch["choice_mask"] = torch.tensor([[j < len(f["input_ids"]) for j in range(n_choices)] for f in features])
-    return batch
-
-
-def count_loss_units(batch: dict[str, torch.Tensor]) -> int:
-    """How many terms a batch adds to the loss: tokens with a label (LM) or examples."""
-    labels = batch["labels"]
-    if labels.dim() > 1:
-        return int((labels[:, 1:] != IGNORE_INDEX).sum())
-    return int(labels.shape[0])

@@ -11,6 +11,9 @@ Events, in the order they happen:
 - ``extra_loss(trainer) -> Tensor | None``: a regulariser added to each step's loss;
 - ``after_backward(trainer)``: gradients of the whole step are accumulated (and synced);
 - ``before_optimizer_step(trainer)``: after clipping (gradient transforms, e.g. preconditioning);
+- ``take_step(trainer, closure)``: only for the one callback with ``owns_step = True`` (a step
+  rule that is no torch optimizer, CTR's trust region): it moves the parameters itself, and may
+  re-run the step's forward through ``closure`` (:class:`lorafit.train.trainer.StepClosure`);
 - ``after_optimizer_step(trainer)``: before ``zero_grad`` (rank allocators, masks);
 - ``on_evaluate(trainer, metrics)`` and ``on_save(trainer, folder)``.
 
@@ -29,6 +32,9 @@ import torch
 class Callback:
     """No-op base: override only the events you need."""
 
+    owns_step: bool = False
+    """True for a step rule that replaces the optimizer step (then ``optimizer.build`` returns None)."""
+
     def on_train_start(self, trainer: Any) -> None: ...
 
     def extra_loss(self, trainer: Any) -> Optional[torch.Tensor]:
@@ -37,6 +43,9 @@ class Callback:
     def after_backward(self, trainer: Any) -> None: ...
 
     def before_optimizer_step(self, trainer: Any) -> None: ...
+
+    def take_step(self, trainer: Any, closure: Any) -> None:
+        raise NotImplementedError(f"{type(self).__name__} sets owns_step but has no take_step")
 
     def after_optimizer_step(self, trainer: Any) -> None: ...
 

@@ -1,4 +1,5 @@
-"""Results people can read: ``results.md`` next to every ``results.json``, and ``lorafit report``.
+"""Results people can read: the results table on screen, ``results.json`` + ``results.md`` in an
+eval output folder, and ``lorafit report``.
 
 ``lorafit report RUN_DIR [RUN_DIR ...] [--output-dir DIR]`` puts runs side by side: each folder's
 ``results.json`` (a training run's final dev metrics or a ``lorafit eval`` output folder) becomes a
@@ -15,10 +16,12 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from rich.console import Console
 from rich.table import Table
 
-from lorafit.config import ConfigError
+from lorafit.config import ConfigError, EvalConfig
+from lorafit.console import console, results_console
+from lorafit.files import new_output, publish
+from lorafit.train.checkpoint import is_run_folder
 
 LOWER_IS_BETTER = ("loss", "perplexity", "no_answer")
 UNRANKED = ("n", "protocol")
@@ -41,6 +44,40 @@ def results_markdown(results: dict[str, dict], title: str = "") -> str:
     for task, values in results.items():
         lines.append(f"| {task} | " + " | ".join(_fmt(values.get(m)) for m in metrics) + " |")
     return "\n".join(lines) + "\n"
+
+
+def print_results(results: dict[str, dict], before: Optional[dict[str, dict]] = None, title: str = "") -> None:
+    table = Table(title=title)
+    table.add_column("split")
+    table.add_column("metric")
+    if before:
+        table.add_column("before", justify="right")
+    table.add_column("after" if before else "value", justify="right")
+    for split, metrics in results.items():
+        for name, value in metrics.items():
+            cells = [split, name]
+            if before:
+                old = before.get(split, {}).get(name)
+                cells.append("" if old is None else _fmt(old))
+            cells.append(_fmt(value))
+            table.add_row(*cells)
+    results_console.print(table)
+
+
+def save_eval(path: str, cfg: EvalConfig, results: dict[str, dict], title: str, write_predictions: Any) -> None:
+    """Write ``results.json`` / ``results.md`` (and predictions) into ``cfg.output_dir``, if set."""
+    if not cfg.output_dir:
+        console.print("results not saved: pass output_dir=DIR to write results.json and results.md")
+        return
+    out = Path(cfg.output_dir)
+    model = Path(path)
+    with new_output(out, "eval", cfg.overwrite, "overwrite=true",
+                    protected=[] if is_run_folder(model) else [model]) as tmp:
+        write_results(tmp, results, title=title)
+        if cfg.save_predictions:
+            write_predictions(tmp)
+        publish(tmp, out, "eval", {"model": str(model.resolve())})
+    console.print(f"results → {out / 'results.json'}, {out / 'results.md'}")
 
 
 def write_results(out_dir: Path, results: dict[str, dict], title: str = "") -> None:
@@ -180,8 +217,6 @@ def report(run_dirs: list[str], output_dir: str = "report", overwrite: bool = Fa
         ConfigError: a folder that does not exist or holds neither results.json nor metrics.jsonl, or an
             output folder that holds anything but an earlier report (replaced only with ``overwrite``).
     """
-    from lorafit.files import new_output, publish
-
     folders = [Path(d) for d in run_dirs]
     for folder in folders:
         if not folder.is_dir():
@@ -226,6 +261,6 @@ def _print(labels: list[str], results: list[dict], curves: dict, out: Path) -> N
         best = _best(values, metric)
         table.add_row(task, metric, *[f"[bold]{_fmt(v)}[/]" if best is not None and v == best else _fmt(v)
                                       for v in values])
-    Console().print(table)
+    results_console.print(table)
     extra = f", {out / 'loss.png'}" if curves else ""
-    Console(stderr=True, soft_wrap=True).print(f"report → {out / 'report.md'}{extra}")
+    console.print(f"report → {out / 'report.md'}{extra}")
