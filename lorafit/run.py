@@ -134,7 +134,8 @@ def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def _total_steps_matter(cfg: TrainConfig) -> bool:
-    """Does anything in the run depend on the number of steps (a decaying lr, a warm-up ratio, a rank budget)?"""
+    """Does anything in the run depend on the number of steps (a decaying lr, a warm-up ratio, or an
+    adapter schedule that declares ``uses_total_steps``, AdaLoRA's budget)?"""
     optimizer = cfg.optimizer
     decays = getattr(optimizer, "scheduler", "constant") != "constant" or getattr(optimizer, "warmup_ratio", 0) > 0
     return decays or bool(getattr(cfg.adapter, "uses_total_steps", False))

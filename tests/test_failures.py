@@ -630,3 +630,17 @@ def test_one_rank_failing_ends_every_rank(tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert "lorafit train: error: rank 0 cannot write its adapter" in text, text[-2000:]
     assert "internal error" not in text and not list((tmp_path / "run").glob("error*.log")), text[-2000:]
+
+
+def test_resume_may_extend_a_constant_schedule_but_not_adaloras_budget(tmp_path: Path) -> None:
+    """max_steps may change on resume when nothing depends on it; AdaLoRA's budget schedule does."""
+    base = (*TINY, *SENTIMENT, "save_every=2", "optimizer.scheduler=constant")
+    run = tmp_path / "run"
+    assert cli("train", f"output_dir={run}", *base, "max_steps=4")[0] == 0
+    code, text = cli("train", f"output_dir={run}", *base, "max_steps=5", "resume=true")
+    assert code == 0 and "resumed from" in text and "(step 2 of 5)" in text, text
+    ada = tmp_path / "ada"
+    ada_args = (*base, "adapter=adalora", "adapter.tinit=1", "adapter.tfinal=1")
+    assert cli("train", f"output_dir={ada}", *ada_args, "max_steps=4")[0] == 0
+    code, text = cli("train", f"output_dir={ada}", *ada_args, "max_steps=6", "resume=true")
+    assert code == 2 and "max_steps: 4 → 6" in text, text

@@ -26,7 +26,7 @@ layer (saved with the adapter) and, as ``rank_pattern``, part of the saved adapt
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +54,8 @@ class AdaLoRAConfig:
         rank_pattern: written by training (layer → kept ranks); leave null. Default: null.
         target_modules: name patterns of the layers to adapt (null: the architecture's defaults).
     """
+
+    uses_total_steps: ClassVar[bool] = True   # the budget schedule ends tfinal steps before the last one
 
     init_r: int = 12
     target_r: int = 8
