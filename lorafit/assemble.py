@@ -18,17 +18,27 @@ from lorafit import __version__
 from lorafit.adapters import attach, find_targets, load_adapter_state
 from lorafit.config import ConfigError, ModelConfig, schema_of, as_dict, to_object
 from lorafit.adapters.io import Assembled, read_adapter_config, read_adapter_weights
-from lorafit.models import default_targets, fingerprint, head_module_names, load_model, load_tokenizer
+from lorafit.models import (DTYPES, base_fingerprint, default_targets, head_module_names, load_model,
+                            load_tokenizer, resolve_dtype)
 
-def _backbone_names(model: nn.Module, heads: list[str]) -> list[str]:
-    return [n for n, _ in model.named_parameters() if not any(n.startswith(h + ".") for h in heads)]
+
+def _fingerprint(model: nn.Module, heads: list[str], source: str, dtype: torch.dtype) -> str:
+    """The fingerprint of the base's backbone weights (heads excluded), unquantised, in ``dtype``."""
+    names = [n for n, _ in model.named_parameters() if not any(n.startswith(h + ".") for h in heads)]
+    return base_fingerprint(model, names, source, dtype)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, value in DTYPES.items() if value == dtype)
 
 
 def assemble(model_cfg: ModelConfig, adapter_cfg: Any, init_cfg: Any, head: str, num_labels: int,
-             seed: int = 0) -> Assembled:
-    """Load the base model with ``head``, attach the adapter to its target layers, run the init."""
+             seed: int = 0, device: Any = None) -> Assembled:
+    """Load the base model with ``head`` (quantised onto ``device`` if asked), attach the adapter to its
+    target layers, run the init."""
     tokenizer = load_tokenizer(model_cfg)
-    model = load_model(model_cfg, head, num_labels, seed=seed, tokenizer=tokenizer)
+    model = load_model(model_cfg, head, num_labels, seed=seed, tokenizer=tokenizer, device=device)
+    dtype = resolve_dtype(model_cfg, model.config)
     all_heads = head_module_names(model)
     trained_heads = [] if head == "causal_lm" else all_heads
     patterns = adapter_cfg.target_modules or default_targets(model)
@@ -37,7 +47,7 @@ def assemble(model_cfg: ModelConfig, adapter_cfg: Any, init_cfg: Any, head: str,
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
         raise ConfigError(f"adapter.target_modules={patterns} matches no linear layer of this "
                           f"{model.config.model_type} model. Linear layer names here: {', '.join(linear)}.")
-    base_fp = fingerprint(model, _backbone_names(model, all_heads))
+    base_fp = _fingerprint(model, all_heads, model_cfg.name_or_path, dtype)
     torch.manual_seed(seed)  # adapter factors start the same on every process and every resume
     layers = attach(model, adapter_cfg, targets)
     if init_cfg is not None:
@@ -56,6 +66,7 @@ def assemble(model_cfg: ModelConfig, adapter_cfg: Any, init_cfg: Any, head: str,
         "modules_to_save": trained_heads,
         "base_model": model_cfg.name_or_path,
         "base_fingerprint": base_fp,
+        "dtype": dtype_name(dtype),      # model.dtype as resolved: what the fingerprint and a merge use
         "model": as_dict(model_cfg),
         "adapter": as_dict(adapter_cfg),
         "init": as_dict(init_cfg) if init_cfg is not None else None,
@@ -63,12 +74,17 @@ def assemble(model_cfg: ModelConfig, adapter_cfg: Any, init_cfg: Any, head: str,
     return Assembled(model, tokenizer, layers, trained_heads, meta)
 
 
-def load_adapted(adapter_dir: str | os.PathLike, base_model: Optional[str] = None) -> Assembled:
+def load_adapted(adapter_dir: str | os.PathLike, base_model: Optional[str] = None, quantization: Optional[str] = None,
+                 dtype: Optional[str] = None, device: Any = None) -> Assembled:
     """Rebuild base + adapter from a saved adapter folder (``RUN/adapter`` or a checkpoint).
 
     Args:
         adapter_dir: folder holding ``adapter_config.json`` and ``adapter_model.safetensors``.
         base_model: the base model folder or hub id; defaults to the one recorded at training.
+        quantization: override ``model.quantization`` (``none``: a QLoRA adapter on its full-precision
+            base, as ``lorafit merge`` loads it).
+        dtype: override ``model.dtype`` (the base's storage dtype).
+        device: where a quantised base is loaded.
 
     Raises:
         ConfigError: the base model's weights differ from those the adapter was trained on.
@@ -79,12 +95,19 @@ def load_adapted(adapter_dir: str | os.PathLike, base_model: Optional[str] = Non
     model_cfg.name_or_path = base_model or meta["base_model"]
     model_cfg.build = None
     model_cfg.tokenizer = None if model_cfg.tokenizer is None or base_model else model_cfg.tokenizer
+    trained_dtype = DTYPES[meta["dtype"]] if "dtype" in meta else None
+    if quantization is not None:
+        model_cfg.quantization = quantization
+    if dtype is not None:
+        model_cfg.dtype = dtype
+    elif trained_dtype is not None:
+        model_cfg.dtype = meta["dtype"]
     adapter_node = OmegaConf.create(meta["adapter"])
     adapter_cfg = to_object(adapter_node, schema_of(adapter_node, "adapter"), "adapter")
     tokenizer = load_tokenizer(model_cfg)
-    model = load_model(model_cfg, meta["task"], meta["num_labels"], tokenizer=tokenizer)
+    model = load_model(model_cfg, meta["task"], meta["num_labels"], tokenizer=tokenizer, device=device)
     heads = head_module_names(model)
-    found = fingerprint(model, _backbone_names(model, heads))
+    found = _fingerprint(model, heads, model_cfg.name_or_path, trained_dtype or resolve_dtype(model_cfg, model.config))
     if found != meta["base_fingerprint"]:
         raise ConfigError(
             f"The base model '{model_cfg.name_or_path}' is not the one this adapter was trained on "

@@ -1,4 +1,4 @@
-"""``lorafit train | merge | eval | report``: the command line.
+"""``lorafit train | estimate | merge | eval | report``: the command line.
 
 ``lorafit train [--recipe FILE] [overrides]`` composes ``configs/train.yaml`` with Hydra, applies a
 recipe (a diff-only Hydra file, see ``recipes/``) and the overrides, validates everything against
@@ -212,10 +212,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from lorafit.config import validate
+    from lorafit.console import results_console
+    from lorafit.estimate import estimate
+
+    cfg = validate(compose("train", args.overrides, args.recipe))
+    cfg.data.resolve(cfg.model)
+    found = estimate(cfg, processes=args.processes)
+    table = Table(title=f"lorafit estimate: {cfg.model.name_or_path}, {type(cfg.adapter).__name__}, "
+                        f"{args.processes} process(es), per process")
+    for column in ("part", "MiB", "what"):
+        table.add_column(column, justify="right" if column == "MiB" else "left")
+    for part, mib, what in found.rows():
+        table.add_row(part, f"{mib:,.1f}", what)
+    results_console.print(table)
+    return 0
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from lorafit.merge import merge
 
-    merge(args.run_dir, args.out_dir, base_model=args.base_model, overwrite=args.overwrite)
+    merge(args.run_dir, args.out_dir, base_model=args.base_model, overwrite=args.overwrite, dtype=args.dtype,
+          max_shard_size=args.max_shard_size)
     return 0
 
 
@@ -253,11 +274,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--help-config", metavar="GROUP", help="list the options and keys of a config group")
     p.add_argument("overrides", nargs="*", help="e.g. model=minilm +adapter=lora adapter.r=8 max_steps=100")
     p.set_defaults(func=cmd_train)
+    p = sub.add_parser("estimate", help="predict a training run's peak memory per process (same overrides as train)")
+    p.add_argument("--recipe", help="a recipe YAML, as for train")
+    p.add_argument("--processes", type=int, default=1, help="processes the global batch is split across (default 1)")
+    p.add_argument("overrides", nargs="*", help="the overrides you would give `lorafit train`")
+    p.set_defaults(func=cmd_estimate)
     p = sub.add_parser("merge", help="fold RUN's adapter into the base model; write a plain HF folder")
     p.add_argument("run_dir", help="a training run folder (or its adapter/ or a checkpoint)")
     p.add_argument("out_dir", help="where to write the merged Hugging Face model folder")
     p.add_argument("--base-model", help="the base model (default: the one recorded at training)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier `lorafit merge` output in OUT")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the merged model (default: the run's model.dtype, e.g. bf16 for a bf16 base)")
+    p.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard, e.g. 2GB or 500MB (default 2GB)")
     p.set_defaults(func=cmd_merge)
     p = sub.add_parser("eval", help="score a base model folder, a run folder or a merged folder")
     p.add_argument("model", help="a Hugging Face model folder, a run folder or a merged folder")
@@ -276,8 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def quiet_libraries() -> None:
     """Keep the terminal for lorafit's own progress: no load reports or per-map progress bars."""
+    import logging
     import os
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # bitsandbytes warns at import on CPUs with AVX512-BF16 when the optional `kernels` package is absent;
+    # lorafit does not use that kernel (lorafit.models keeps one weight format), so the warning is noise.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     import datasets
     import transformers
     transformers.logging.set_verbosity_error()

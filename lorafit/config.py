@@ -92,21 +92,34 @@ class ModelConfig:
         tokenizer: tokenizer folder or id; defaults to ``name_or_path``.
         dropout: if set, overrides every dropout probability of the model's own config
             (``model.dropout=0.0`` makes training deterministic across process counts).
-        dtype: the dtype the frozen base weights are stored in.
+        dtype: how the unquantised base weights are stored (embeddings, norms, heads, and every
+            linear layer when ``quantization=none``): ``auto`` (the default) is the checkpoint's own
+            dtype (its config's ``dtype``: bf16 for most modern LLMs, float32 for MiniLM and for
+            models built from ``build``), or float32 / bfloat16 / float16.
+        quantization: how the frozen base linear layers are stored: ``none``, ``nf4`` or ``fp4``
+            (4-bit, double-quantised, QLoRA) or ``int8``, through bitsandbytes as the weights load.
+        compute_dtype: what a quantised layer dequantises to for its product: ``auto`` (= the
+            resolved ``dtype``), float32, bfloat16 or float16. Adapters keep their own dtype
+            (``adapter.dtype``, float32 by default) and cast where they meet the base; autocast
+            around the whole forward is ``hardware.mixed_precision``.
     """
 
     name_or_path: str = ""
     build: Optional[dict[str, Any]] = None
     tokenizer: Optional[str] = None
     dropout: Optional[float] = None
-    dtype: str = "float32"
+    dtype: str = "auto"
+    quantization: str = "none"
+    compute_dtype: str = "auto"
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
         if not self.name_or_path:
             raise ConfigError("model.name_or_path is empty. Choose a model group option "
                               "(model=minilm, model=tiny_llama) or set model.name_or_path=FOLDER_OR_HUB_ID.")
-        check_choice("model.dtype", self.dtype, ["float32", "bfloat16", "float16"])
+        check_choice("model.dtype", self.dtype, ["auto", "float32", "bfloat16", "float16"])
+        check_choice("model.quantization", self.quantization, ["none", "nf4", "fp4", "int8"])
+        check_choice("model.compute_dtype", self.compute_dtype, ["auto", "float32", "bfloat16", "float16"])
         if self.dropout is not None:
             check_range("model.dropout", self.dropout, 0.0, 1.0)
 
@@ -120,11 +133,15 @@ class HardwareConfig:
         mixed_precision: ``no``, ``bf16`` or ``fp16`` autocast around forward passes.
         grad_accum_steps: micro-batches per optimizer step on each process; the global
             ``data.batch_size`` is split across processes and these steps.
+        gradient_checkpointing: keep only each transformer block's input during the forward pass and
+            recompute the block in the backward pass (transformers' own checkpointing, non-reentrant):
+            activation memory of one block instead of all, for about one more forward pass.
     """
 
     device: str = "auto"
     mixed_precision: str = "no"
     grad_accum_steps: int = 1
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         check_choice("hardware.device", self.device, ["auto", "cpu", "gpu"])

@@ -11,8 +11,10 @@ decides which weights.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import json
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import nn
@@ -78,12 +80,43 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def resolve_dtype(cfg: ModelConfig, config: Optional[PretrainedConfig] = None) -> torch.dtype:
+    """``model.dtype`` as a torch dtype: ``auto`` is the checkpoint's own (``dtype`` / ``torch_dtype`` in
+    its config: bf16 for most modern LLMs), float32 if it names none."""
+    if cfg.dtype != "auto":
+        return DTYPES[cfg.dtype]
+    found = getattr(config, "dtype", None) if config is not None else None
+    if found is None and config is not None:
+        found = config.to_dict().get("torch_dtype")   # transformers 4.x configs
+    if isinstance(found, str):
+        found = DTYPES.get(found.removeprefix("torch."))
+    return found if isinstance(found, torch.dtype) and found in DTYPES.values() else torch.float32
+
+
+def quantization_config(cfg: ModelConfig, dtype: torch.dtype) -> Any:
+    """transformers' ``BitsAndBytesConfig`` for ``model.quantization`` (None for ``none``): the QLoRA
+    recipe — nf4/fp4 with double quantisation, dequantised to ``model.compute_dtype`` — or int8."""
+    if cfg.quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"model.quantization={cfg.quantization} needs the bitsandbytes package: "
+                          f"pip install 'bitsandbytes>=0.46' (or model.quantization=none).")
+    compute = dtype if cfg.compute_dtype == "auto" else DTYPES[cfg.compute_dtype]
+    if cfg.quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quantization,
+                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)
+
+
 def load_model(cfg: ModelConfig, head: str, num_labels: int = 2, seed: int = 0,
-               tokenizer: PreTrainedTokenizerBase | None = None) -> PreTrainedModel:
+               tokenizer: PreTrainedTokenizerBase | None = None, device: Any = None) -> PreTrainedModel:
     """Build the base model with ``head``; new heads are initialised from ``seed``.
 
     A model with ``cfg.build`` set is built from that config dict with random weights (tests,
-    ``model=tiny_llama``); otherwise weights come from ``cfg.name_or_path``.
+    ``model=tiny_llama``); otherwise weights come from ``cfg.name_or_path``, in ``model.dtype`` and,
+    with ``model.quantization``, quantised by bitsandbytes as they load (onto ``device``).
     """
     if head not in HEADS:
         raise ConfigError(f"Unknown head {head!r}; allowed: {', '.join(HEADS)}.")
@@ -94,6 +127,9 @@ def load_model(cfg: ModelConfig, head: str, num_labels: int = 2, seed: int = 0,
         extra["problem_type"] = "regression"
     torch.manual_seed(seed)  # new heads (and built models) get reproducible weights
     if cfg.build is not None:
+        if cfg.quantization != "none":
+            raise ConfigError("A model built from model.build is not loaded from files, so it cannot be quantised "
+                              "as it loads; `lorafit train` writes it to RUN/base and loads it from there.")
         build = dict(cfg.build)
         model_type = build.pop("model_type", None)
         if model_type is None:
@@ -104,7 +140,7 @@ def load_model(cfg: ModelConfig, head: str, num_labels: int = 2, seed: int = 0,
         config = AutoConfig.for_model(model_type, **build, **extra)
         if cfg.dropout is not None:
             _override_dropout(config, cfg.dropout)
-        model = auto_cls.from_config(config)
+        model = auto_cls.from_config(config, dtype=resolve_dtype(cfg))
     else:
         fix = ("Give a local Hugging Face folder (config.json and weights) or a hub id on a machine with a "
                "network in model.name_or_path.")
@@ -112,8 +148,20 @@ def load_model(cfg: ModelConfig, head: str, num_labels: int = 2, seed: int = 0,
                                  trust_remote_code=cfg.trust_remote_code, **extra)
         if cfg.dropout is not None:
             _override_dropout(config, cfg.dropout)
-        model = from_pretrained(auto_cls.from_pretrained, cfg.name_or_path, "the model weights", fix, config=config,
-                                dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code)
+        dtype = resolve_dtype(cfg, config)
+        quantized = quantization_config(cfg, dtype)
+        extra_load = {}
+        if quantized is not None:
+            target = torch.device(device) if device is not None else torch.device("cpu")
+            extra_load = {"quantization_config": quantized, "device_map": {"": target}}
+        model = from_pretrained(auto_cls.from_pretrained, cfg.name_or_path, "the model weights", fix,
+                                config=config, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **extra_load)
+        for module in model.modules():
+            # bitsandbytes repacks a 4-bit weight for AVX512-BF16 CPUs on the first eval-mode forward, rounding
+            # its scales to bf16: eval would compute with other weights than training (and dequantising the
+            # repacked weight, as adapters and inits do, would misread it). One format, always.
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
     if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
@@ -135,6 +183,97 @@ def fingerprint(model: nn.Module, names: Iterable[str] | None = None) -> str:
         checksum = int(bits.to(torch.int64).sum())
         digest.update(f"{name}{tuple(bits.shape)}{checksum}".encode())
     return digest.hexdigest()[:16]
+
+
+CHUNK_BYTES = 64 << 20
+"""Fingerprinting reads a tensor from its file in row chunks of about this size."""
+
+
+def weight_files(source: str) -> list[Path]:
+    """The safetensors files of a local model folder or of a hub checkpoint already in the cache."""
+    folder = Path(source)
+    if folder.is_dir():
+        return sorted(folder.glob("*.safetensors"))
+    from transformers.utils import cached_file
+
+    for name in ("model.safetensors.index.json", "model.safetensors"):
+        try:
+            found = cached_file(source, name, _raise_exceptions_for_missing_entries=False)
+        except OSError:
+            found = None
+        if found is None:
+            continue
+        if name.endswith(".json"):
+            shards = sorted(set(json.loads(Path(found).read_text())["weight_map"].values()))
+            return [Path(found).parent / shard for shard in shards]
+        return [Path(found)]
+    return []
+
+
+def _checksum_from_file(file: Path, key: str, dtype: torch.dtype) -> tuple[tuple[int, ...], int]:
+    """(shape, Σ int32 bit patterns) of one tensor, read in row chunks and cast to ``dtype`` then fp32
+    exactly as loading it in ``dtype`` and calling ``.float()`` would (no full copy of the tensor)."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), "pt") as handle:
+        part = handle.get_slice(key)
+        shape = tuple(part.get_shape())
+        if not shape:
+            return shape, int(handle.get_tensor(key).to(dtype).float().view(torch.int32).to(torch.int64).sum())
+        row_bytes = max(1, int(torch.tensor(shape[1:]).prod()) if len(shape) > 1 else 1) * 4
+        rows = max(1, CHUNK_BYTES // row_bytes)
+        total = 0
+        for start in range(0, shape[0], rows):
+            chunk = part[start:start + rows].to(dtype).float().contiguous()
+            total += int(chunk.view(torch.int32).to(torch.int64).sum())
+    return shape, total
+
+
+def base_fingerprint(model: nn.Module, names: Iterable[str], source: str, dtype: torch.dtype) -> str:
+    """:func:`fingerprint` of the *unquantised* base weights: each named tensor is read from the
+    checkpoint's safetensors files in chunks, as loaded in ``dtype`` (so the value equals
+    ``fingerprint(model, names)`` of the model loaded unquantised in ``dtype``); a tensor the files
+    lack (a newly initialised pooler) comes from ``model`` itself.
+
+    Raises:
+        ConfigError: a quantised tensor that is in no safetensors file (its full-precision values are lost).
+    """
+    from lorafit.quant import is_quantized
+
+    keys: dict[str, Path] = {}
+    for file in weight_files(source):
+        from safetensors import safe_open
+        with safe_open(str(file), "pt") as handle:
+            keys.update({k: file for k in handle.keys()})
+    params = dict(model.named_parameters())
+    owners = {f"{n}.weight": m for n, m in model.named_modules() if is_quantized(m)}
+    prefix = getattr(model, "base_model_prefix", "")
+    digest = hashlib.sha256()
+    for name in sorted(names):
+        candidates = (name, name.removeprefix(prefix + "."), f"{prefix}.{name}")
+        key = next((k for k in candidates if k in keys), None)
+        if key is not None:
+            shape, total = _checksum_from_file(keys[key], key, dtype)
+        elif name in owners:
+            raise ConfigError(f"The weight {name} is quantised and the base '{source}' has no safetensors file holding "
+                              f"it, so its full-precision fingerprint cannot be taken. Convert the base to "
+                              f"safetensors (save_pretrained) or use model.quantization=none.")
+        else:
+            bits = params[name].detach().float().contiguous().view(torch.int32)
+            shape, total = tuple(bits.shape), int(bits.to(torch.int64).sum())
+        digest.update(f"{name}{shape}{total}".encode())
+    return digest.hexdigest()[:16]
+
+
+def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
+    """transformers' own activation checkpointing per block, non-reentrant (frozen inputs and custom
+    autograd functions such as DoRA's work, and the RNG of dropout is replayed exactly)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"hardware.gradient_checkpointing=true: {type(model).__name__} does not support "
+                          f"gradient checkpointing in transformers. Set hardware.gradient_checkpointing=false.")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if getattr(model.config, "use_cache", None):
+        model.config.use_cache = False     # a KV cache is useless in training and clashes with recomputation
 
 
 def save_base(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:

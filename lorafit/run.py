@@ -5,6 +5,7 @@ assemble the model, tokenise the data once, run the trainer, print the results.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -19,13 +20,16 @@ from lorafit.config import ConfigError, TrainConfig, as_dict, to_yaml
 from lorafit.console import console
 from lorafit.data.batches import tokenize
 from lorafit.eval.report import print_results
-from lorafit.models import load_model, save_base
+from lorafit.files import recover, staging, swap_in
+from lorafit.models import load_model, load_tokenizer, save_base
 from lorafit.train.checkpoint import RUN_ENTRIES, RUN_MARKER, is_run_folder, latest_checkpoint
 from lorafit.train.trainer import Trainer
 
 
-def _cache_key(data_cfg: Any, tokenizer: Any) -> str:
-    text = to_yaml(data_cfg) + str(getattr(tokenizer, "name_or_path", "")) + str(len(tokenizer))
+def _cache_key(data_cfg: Any, model_cfg: Any) -> str:
+    """The tokenised data depend on the data config and on the tokenizer the run names (not on where a
+    run folder was copied to)."""
+    text = to_yaml(data_cfg) + str(model_cfg.tokenizer or model_cfg.name_or_path)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -48,14 +52,21 @@ def train(cfg: TrainConfig) -> dict[str, dict]:
     run_dir = Path(cfg.output_dir)
     claim_run_dir(cfg, accelerator)
     data = cfg.data
-    assembled = assemble(cfg.model, cfg.adapter, cfg.init, data.head, data.num_labels, seed=cfg.seed)
-    if cfg.model.build is not None:
-        # A built (random) base exists nowhere else: keep it so merge and eval can find it.
-        base_dir = run_dir / "base"
+    model_cfg = cfg.model
+    base_dir = run_dir / "base"      # a built (random) base exists nowhere else: merge and eval find it there
+    if model_cfg.build is not None and model_cfg.quantization != "none":
+        # quantised as it loads: write the built base first, then load it like any checkpoint
         if accelerator.is_main_process and not (base_dir / "config.json").is_file():
-            _save_unadapted_base(cfg, assembled, base_dir)
+            write_built_base(cfg, base_dir)
+        accelerator.wait_for_everyone()
+        model_cfg = dataclasses.replace(model_cfg, name_or_path=str(base_dir.resolve()), build=None, tokenizer=None)
+    assembled = assemble(model_cfg, cfg.adapter, cfg.init, data.head, data.num_labels, seed=cfg.seed,
+                         device=accelerator.device)
+    if cfg.model.build is not None:
+        if accelerator.is_main_process and not (base_dir / "config.json").is_file():
+            write_built_base(cfg, base_dir)   # built again from its seed: the weights the adapter was attached to
         assembled.meta["base_model"] = str(base_dir.resolve())
-    cache = run_dir / "cache" / _cache_key(data, assembled.tokenizer)
+    cache = run_dir / "cache" / _cache_key(data, cfg.model)
     with accelerator.main_process_first():
         train_set = tokenize(data, "train", assembled.tokenizer, cache)
         eval_sets = {data.split_name(s): tokenize(data, s, assembled.tokenizer, cache) for s in data.eval_splits}
@@ -67,11 +78,22 @@ def train(cfg: TrainConfig) -> dict[str, dict]:
         console.print(f"lorafit train: {type(cfg.adapter).__name__} on {len(assembled.layers)} layers of "
                       f"{cfg.model.name_or_path}; trainable {n_train:,} of {n_all:,} parameters "
                       f"({100 * n_train / n_all:.2f}%); {trainer.total_steps} steps → {run_dir}")
+        console.print(memory_line(cfg, accelerator.num_processes))
     before = trainer.evaluate() if (cfg.eval_at_start and eval_sets and not cfg.resume) else None
     after = trainer.fit()
     if accelerator.is_main_process and after:
         print_results(after, before, title=f"{run_dir} (dev)")
     return after
+
+
+def memory_line(cfg: TrainConfig, processes: int) -> str:
+    """The banner's memory estimate (never in the way of training: a model it cannot trace is skipped)."""
+    from lorafit.estimate import estimate
+
+    try:
+        return estimate(cfg, processes).line()
+    except Exception as exc:  # an architecture the meta-device trace cannot run
+        return f"(no memory estimate for this model: {type(exc).__name__})"
 
 
 # ---------------------------------------------------------------------------------- run folder
@@ -168,11 +190,14 @@ def check_resume(cfg: TrainConfig, run_dir: Path, found: Optional[Path]) -> None
         console.print(f"note: {key} was {saved[key]!r} and is now {now[key]!r}; the update is the same up to round-off")
 
 
-def _save_unadapted_base(cfg: TrainConfig, assembled: Any, folder: Path) -> None:
-    """Write the built base model: built again from its config and seed, so it holds exactly the
-    weights the adapter was attached to (an init may have turned the live ones into a residual)."""
-    data = cfg.data
-    model = load_model(cfg.model, data.head, data.num_labels, seed=cfg.seed, tokenizer=assembled.tokenizer)
-    save_base(model, assembled.tokenizer, folder)
+def write_built_base(cfg: TrainConfig, folder: Path) -> None:
+    """Build the ``model.build`` base (random weights from ``seed``, unquantised) and write it to ``folder``."""
+    tokenizer = load_tokenizer(cfg.model)
+    built = dataclasses.replace(cfg.model, quantization="none")
+    model = load_model(built, cfg.data.head, cfg.data.num_labels, seed=cfg.seed, tokenizer=tokenizer)
+    recover(folder, "config.json")
+    tmp, _ = staging(folder)
+    save_base(model, tokenizer, tmp)      # whole before the swap: a kill while writing leaves no base
+    swap_in(tmp, folder)
 
 

@@ -10,9 +10,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lorafit"
 
 # Bottom to top; a module may import its own layer and the layers below.
 LAYERS = [
-    ("lorafit", "lorafit.config", "lorafit.files", "lorafit.console", "lorafit.callbacks", "lorafit.metrics"),
+    ("lorafit", "lorafit.config", "lorafit.files", "lorafit.console", "lorafit.callbacks", "lorafit.metrics",
+     "lorafit.quant"),
     ("lorafit.models", "lorafit.data", "lorafit.adapters"),
-    ("lorafit.task", "lorafit.assemble"),
+    ("lorafit.task", "lorafit.assemble", "lorafit.estimate"),
     ("lorafit.inits", "lorafit.optim", "lorafit.rlhf"),
     ("lorafit.train",),
     ("lorafit.eval",),

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from lorafit.config import ConfigError
+from lorafit.quant import dense_weight, is_quantized
 
 ROLES = {
     "A": "the input-side factor of a product s·B·A (LoRA's A: fan-in = the layer's width)",
@@ -66,11 +67,12 @@ class AdditiveAdapter(nn.Module):
         raise NotImplementedError
 
     def merged_weight(self) -> torch.Tensor:
-        return self.base.weight.float() + self.delta_weight()
+        return dense_weight(self.base) + self.delta_weight()
 
     @torch.no_grad()
     def merge(self) -> None:
         if not self.merged:
+            refuse_quantized(self.base, "merge")
             self.base.weight.data = self.merged_weight().to(self.base.weight.dtype)
             self.merged = True
 
@@ -79,6 +81,14 @@ class AdditiveAdapter(nn.Module):
         if self.merged:
             self.base.weight.data = (self.base.weight.float() - self.delta_weight()).to(self.base.weight.dtype)
             self.merged = False
+
+
+def refuse_quantized(base: nn.Module, what: str) -> None:
+    """Folding ΔW into a quantised weight would quantise the update away: merge onto the full-precision base."""
+    if is_quantized(base):
+        raise ConfigError(f"Cannot {what} an adapter into a quantised base weight: the update would be rounded to "
+                          f"the 4/8-bit grid. Merge onto the original full-precision base (what `lorafit merge` does "
+                          f"for a QLoRA run).")
 
 
 def find_targets(model: nn.Module, patterns: list[str], exclude: list[str] = ()) -> list[str]:
@@ -108,9 +118,10 @@ def attach(model: nn.Module, cfg: Any, targets: list[str]) -> dict[str, nn.Modul
     """
     problems = [msg for name in targets if (msg := cfg.check(name, model.get_submodule(name)))]
     if problems:
+        distinct = list(dict.fromkeys(problems))   # a reason that holds for every layer is said once
         raise ConfigError(f"The adapter {type(cfg).__name__} does not fit {len(problems)} target layer(s): "
-                          + "; ".join(problems[:5]) + ("; ..." if len(problems) > 5 else "")
-                          + ". Change the adapter's size options or narrow adapter.target_modules.")
+                          + "; ".join(distinct[:5]) + ("; ..." if len(distinct) > 5 else "")
+                          + ". Change the adapter's options or narrow adapter.target_modules.")
     for param in model.parameters():
         param.requires_grad_(False)
     layers = {}
@@ -180,6 +191,7 @@ def fold_into_base(model: nn.Module) -> nn.Module:
     """Replace every adapter layer by a plain ``nn.Linear`` carrying its merged weight (in place)."""
     for name, layer in adapter_layers(model).items():
         base = layer.base
+        refuse_quantized(base, "fold")
         base.weight.data.copy_(layer.merged_weight().to(base.weight.dtype))
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, base)

@@ -34,6 +34,7 @@ from torch import nn
 
 from lorafit.adapters import AdditiveAdapter
 from lorafit.config import ConfigError, check_range
+from lorafit.quant import is_quantized
 
 
 @dataclass
@@ -110,6 +111,11 @@ class BatConfig(BoneConfig):
 
     def check(self, name: str, layer: nn.Module) -> Optional[str]:
         problem = super().check(name, layer)
+        if problem is None and is_quantized(layer):
+            problem = ("the base is quantised, and Bat forms the dense W0 + ΔW (W0's blocks times D) in every "
+                       "forward pass and keeps it for the backward, which is the memory a quantised base exists "
+                       "to save; use adapter=bone (or another adapter) with model.quantization, or Bat with "
+                       "model.quantization=none")
         if problem is None and (layer.in_features % self.r or layer.out_features % self.r):
             problem = (f"{name} is {layer.out_features}×{layer.in_features} (out×in), not divisible into "
                        f"{self.r}×{self.r} blocks (adapter.r={self.r})")
@@ -142,7 +148,7 @@ class BatLinear(AdditiveAdapter):
     def delta_weight(self) -> torch.Tensor:
         """ΔW_ij = W_ij D_i + D_i (fp32, materialised)."""
         D = self.bat_D.unsqueeze(1)                                   # (out/r, 1, r, r): D_i for every j
-        return self._unblocks(self._blocks(self.base.weight.float()) @ D + D)
+        return self._unblocks(self._blocks(self.base.weight.float()) @ D + D)   # Bat refuses a quantised base
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled or self.merged:

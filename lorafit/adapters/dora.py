@@ -41,7 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorafit.adapters import refuse_quantized
 from lorafit.adapters.lora import LoRAConfig, LoRALinear
+from lorafit.quant import dense_weight, is_quantized
 from lorafit.config import check_choice
 
 
@@ -103,7 +105,7 @@ class DoRALinear(LoRALinear):
     def row_norm(self) -> torch.Tensor:
         """n = ‖W0 + s·B A‖ per output row, without forming B A (see the module docstring)."""
         A, B, s = self.lora_A, self.lora_B, self.scaling
-        w0 = self.base.weight.to(A.dtype)             # fp32 (the adapter's dtype) on any base
+        w0 = dense_weight(self.base, A.dtype)         # the adapter's dtype on any base (dequantised if need be)
         if self.w0_norm_sq.numel() == 0:  # W0 is frozen: computed once, again only after (un)merge
             self.w0_norm_sq = w0.pow(2).sum(1)
         cross = (B * (w0 @ A.T)).sum(1)               # ⟨W0_i, (BA)_i⟩, (out,)
@@ -112,12 +114,12 @@ class DoRALinear(LoRALinear):
 
     def delta_weight(self) -> torch.Tensor:
         """W' − W0 (DoRA's update is not additive in B A alone)."""
-        return self.merged_weight() - self.base.weight.float()
+        return self.merged_weight() - dense_weight(self.base)
 
     def merged_weight(self) -> torch.Tensor:
         if self.merged:
             return self.base.weight.float()
-        direction = self.base.weight.float() + self.scaling * (self.lora_B @ self.lora_A)
+        direction = dense_weight(self.base) + self.scaling * (self.lora_B @ self.lora_A)
         return (self.magnitude / direction.norm(dim=1)).unsqueeze(1) * direction
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -125,15 +127,31 @@ class DoRALinear(LoRALinear):
             return self.original_output(x)
         if self.merged:
             return self.base(x)
+        if is_quantized(self.base):
+            return self.forward_quantized(x)
         x2 = x.reshape(-1, x.shape[-1])                                   # (tokens, in)
         h = F.linear(self.dropout(x2).to(self.lora_A.dtype), self.lora_A) * self.scaling
         y = DoRAProduct.apply(x2, h, self.lora_B, self.magnitude, self.row_norm(), self.base.weight,
                               self.base.bias, self.recompute)
         return y.view(*x.shape[:-1], y.shape[-1])
 
+    def forward_quantized(self, x: torch.Tensor) -> torch.Tensor:
+        """The same output on a quantised base, through the base layer's own product (its weight is
+        dequantised inside bitsandbytes, never kept): ``y = c ⊙ (base(x) − b + s·B A x) + b``; the
+        magnitude's gradient keeps the output-sized ``pre`` (as ``recompute=false``)."""
+        h = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A) * self.scaling
+        pre = self.base(x)
+        bias = self.base.bias
+        if bias is not None:
+            pre = pre - bias.to(pre.dtype)
+        pre = pre + F.linear(h, self.lora_B).to(pre.dtype)
+        y = pre * (self.magnitude / self.row_norm()).to(pre.dtype)
+        return y if bias is None else y + bias.to(y.dtype)
+
     @torch.no_grad()
     def merge(self) -> None:
         if not self.merged:
+            refuse_quantized(self.base, "merge")
             self.merge_norm = self.row_norm()
             self.base.weight.data = self.merged_weight().to(self.base.weight.dtype)
             self.w0_norm_sq = torch.zeros(0, device=self.magnitude.device)

@@ -28,6 +28,7 @@ from torch import nn
 
 from lorafit.adapters import AdditiveAdapter
 from lorafit.config import check_range
+from lorafit.quant import dense_weight, set_dense_weight
 
 
 @dataclass
@@ -110,8 +111,8 @@ class LoRALinear(AdditiveAdapter):
         self.lora_B.copy_(B0)
         self.register_buffer("init_A", self.lora_A.detach().clone())
         self.register_buffer("init_B", self.lora_B.detach().clone())
-        weight = self.base.weight
-        weight.data = (weight.float() - self.scaling * (self.init_B @ self.init_A)).to(weight.dtype)
+        # a quantised base gets the residual quantised again (as PEFT does for PiSSA on 4 bits)
+        set_dense_weight(self.base, dense_weight(self.base) - self.scaling * (self.init_B @ self.init_A))
         self.after_init()
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:

@@ -29,8 +29,9 @@ from torch import nn
 
 from lorafit.adapters import adapter_layers
 from lorafit.adapters.lora import LoRAConfig, LoRALinear
-from lorafit.config import check_range
 from lorafit.callbacks import Callback
+from lorafit.config import check_range
+from lorafit.quant import dense_weight
 
 
 @dataclass
@@ -90,7 +91,7 @@ class LoRADashLinear(LoRALinear):
     @torch.no_grad()
     def launch(self) -> torch.Tensor:
         """Choose the top-s directions of W0 by |u_iᵀ ΔW v_i| / σ_i; returns their indices."""
-        U, S, Vh = torch.linalg.svd(self.base.weight.float(), full_matrices=False)
+        U, S, Vh = torch.linalg.svd(dense_weight(self.base), full_matrices=False)
         V = Vh.T
         delta = self.scaling * ((U.T @ self.lora_B) * (self.lora_A @ V).T).sum(1)   # δ_i = s·(UᵀB)_i·(AV)_:,i
         score = delta.abs() / S.clamp_min(torch.finfo(S.dtype).tiny)

@@ -32,8 +32,9 @@ from torch import nn
 
 from lorafit.adapters import adapter_layers
 from lorafit.adapters.lora import LoRAConfig, LoRALinear
-from lorafit.config import ConfigError, check_range
 from lorafit.callbacks import Callback
+from lorafit.config import ConfigError, check_range
+from lorafit.quant import WeightGradients, is_quantized
 
 
 @dataclass
@@ -70,8 +71,9 @@ class RoSAConfig(LoRAConfig):
 
     def check(self, name: str, layer: nn.Module) -> Optional[str]:
         problem = super().check(name, layer)
-        if problem is None and int(self.density * layer.weight.numel()) == 0:
-            problem = f"{name} has {layer.weight.numel()} weights; adapter.density={self.density} keeps none of them"
+        if problem is None and int(self.density * layer.out_features * layer.in_features) == 0:
+            problem = (f"{name} has {layer.out_features * layer.in_features} weights; adapter.density={self.density} "
+                       f"keeps none of them")
         return problem
 
     def wrap(self, layer: nn.Linear) -> "RoSALinear":
@@ -88,7 +90,7 @@ class RoSALinear(LoRALinear):
     def __init__(self, base: nn.Linear, r: int, scaling: float, dropout: float = 0.0, density: float = 0.005,
                  sparse_lr: Optional[float] = None) -> None:
         super().__init__(base, r, scaling, dropout)
-        k = int(density * base.weight.numel())
+        k = int(density * base.out_features * base.in_features)   # not weight.numel(): 4-bit weights are packed
         device = base.weight.device
         # Distinct, sorted placeholder indices until the mask is chosen (values are 0 and switched off).
         self.register_buffer("sparse_index", torch.arange(k, dtype=torch.int64, device=device))
@@ -103,7 +105,8 @@ class RoSALinear(LoRALinear):
         rows = torch.div(self.sparse_index, self.base.in_features, rounding_mode="floor")
         cols = self.sparse_index % self.base.in_features
         return torch.sparse_coo_tensor(torch.stack([rows, cols]), self.sparse_values * self.sparse_on,
-                                       self.base.weight.shape, is_coalesced=True, check_invariants=False)
+                                       (self.base.out_features, self.base.in_features), is_coalesced=True,
+                                       check_invariants=False)
 
     def delta_weight(self) -> torch.Tensor:
         return super().delta_weight() + self.sparse_matrix().to_dense()
@@ -113,8 +116,11 @@ class RoSALinear(LoRALinear):
         if self.disabled or self.merged:
             return out
         flat = x.reshape(-1, x.shape[-1]).to(self.sparse_values.dtype)
-        with torch.autocast(x.device.type, enabled=False):      # sparse × dense has no bf16 autocast rule
-            sparse = torch.sparse.mm(self.sparse_matrix(), flat.T).T             # (S x) for every token
+        if x.device.type == "meta":   # `lorafit estimate` traces shapes only: S x has x's token shape
+            sparse = flat.new_empty(flat.shape[0], self.base.out_features)
+        else:
+            with torch.autocast(x.device.type, enabled=False):      # sparse × dense has no bf16 autocast rule
+                sparse = torch.sparse.mm(self.sparse_matrix(), flat.T).T         # (S x) for every token
         return out + sparse.reshape(*x.shape[:-1], -1).to(out.dtype)
 
     @torch.no_grad()
@@ -138,6 +144,7 @@ class SparseMaskSchedule(Callback):
         self.warmup = warmup
         self.num_grads = num_grads
         self.fisher: dict[str, torch.Tensor] = {}
+        self._hooks: Optional[WeightGradients] = None   # quantised bases: W0's gradient from hooks
 
     def _layers(self, trainer: Any) -> dict[str, RoSALinear]:
         return {n: m for n, m in adapter_layers(trainer.unwrapped()).items() if isinstance(m, RoSALinear)}
@@ -146,9 +153,29 @@ class SparseMaskSchedule(Callback):
         return self.warmup <= step < self.warmup + self.num_grads
 
     def _dense_grads(self, trainer: Any, on: bool) -> None:
-        for layer in self._layers(trainer).values():
+        """Make the backward pass compute W0's gradient (``requires_grad``; hooks on a quantised base)."""
+        layers = self._layers(trainer)
+        if any(is_quantized(layer.base) for layer in layers.values()):
+            if on and self._hooks is None:
+                self._hooks = WeightGradients(layers, store=trainer.accelerator.device).__enter__()
+            elif not on and self._hooks is not None:
+                self._hooks.__exit__(None, None, None)
+                self._hooks = None
+            return
+        for layer in layers.values():
             layer.base.weight.requires_grad_(on)
             layer.base.weight.grad = None
+
+    def _step_gradients(self, trainer: Any) -> dict[str, torch.Tensor]:
+        """This step's W0 gradient of every layer (summed over micro-batches), cleared for the next."""
+        if self._hooks is not None:
+            grads, self._hooks.sums = self._hooks.sums, {}
+            return grads
+        grads = {}
+        for name, layer in self._layers(trainer).items():
+            grads[name] = layer.base.weight.grad.float()
+            layer.base.weight.grad = None
+        return grads
 
     def on_train_start(self, trainer: Any) -> None:
         if self._collecting(trainer.step):
@@ -158,14 +185,11 @@ class SparseMaskSchedule(Callback):
         if not self._collecting(trainer.step):
             return
         acc = trainer.accelerator
-        for name, layer in self._layers(trainer).items():
-            weight = layer.base.weight
-            grad = weight.grad.float()
+        for name, grad in self._step_gradients(trainer).items():
             if acc.num_processes > 1:   # W0 is not a DDP parameter: average it like DDP would
                 grad = acc.reduce(grad, "mean")
             previous = self.fisher.get(name)
             self.fisher[name] = grad.pow(2) if previous is None else previous.to(grad.device) + grad.pow(2)
-            weight.grad = None
 
     def after_optimizer_step(self, trainer: Any) -> None:
         step = trainer.step

@@ -28,6 +28,7 @@ from torch import nn
 
 from lorafit.adapters import AdditiveAdapter
 from lorafit.config import check_choice, check_range
+from lorafit.quant import dense_weight
 
 MODES = ("additive", "rotation")
 
@@ -77,7 +78,7 @@ class SpectralLinear(AdditiveAdapter):
         self.r = r
         self.mode = mode
         with torch.no_grad():
-            U, S, Vh = torch.linalg.svd(base.weight.float(), full_matrices=False)
+            U, S, Vh = torch.linalg.svd(dense_weight(base), full_matrices=False)
         self.register_buffer("spectral_U", U[:, :r].contiguous())
         self.register_buffer("spectral_S", S[:r].contiguous())
         self.register_buffer("spectral_V", Vh[:r].T.contiguous())

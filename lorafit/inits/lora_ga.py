@@ -40,6 +40,7 @@ from lorafit.config import as_dict, check_range, to_yaml
 from lorafit.data.batches import collate, count_loss_units
 from lorafit.task import forward_logits, head_loss
 from lorafit.files import load_state
+from lorafit.quant import WeightGradients, is_quantized
 from lorafit.inits.basic import _lora_factors
 from lorafit.callbacks import Callback
 
@@ -95,6 +96,8 @@ def gradient_sums(model: nn.Module, layers: dict[str, LoRALinear], batches: Iter
     to its sum and frees it, so at most about one layer of full gradients is alive at a time.
     The model runs in eval mode; requires_grad flags and the mode are restored afterwards.
     """
+    if any(is_quantized(layer.base) for layer in layers.values()):
+        return _quantized_gradient_sums(model, layers, batches, loss_of, total, show)
     sums = {n: torch.zeros(l.base.weight.shape, dtype=torch.float32) for n, l in layers.items()}  # off the device
     trainable = [p for p in model.parameters() if p.requires_grad]
     for p in trainable:
@@ -128,6 +131,30 @@ def gradient_sums(model: nn.Module, layers: dict[str, LoRALinear], batches: Iter
             p.requires_grad_(True)
         model.train(was_training)
     return sums
+
+
+def _quantized_gradient_sums(model: nn.Module, layers: dict[str, LoRALinear], batches: Iterable[dict[str, torch.Tensor]],
+                             loss_of: Callable[[dict[str, torch.Tensor]], torch.Tensor], total: Optional[int],
+                             show: bool) -> dict[str, torch.Tensor]:
+    """:func:`gradient_sums` on a quantised base, whose weights have no gradient: ``Σ g xᵀ`` from hooks
+    (:class:`lorafit.quant.WeightGradients`), with the adapters' own gradients discarded."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    was_training = model.training
+    model.eval()
+    try:
+        with WeightGradients(layers) as collected, Progress(console=console, transient=True,
+                                                            disable=not show) as progress:
+            task = progress.add_task("LoRA-GA gradients", total=total)
+            for batch in batches:
+                loss_of(batch).backward()
+                progress.advance(task)
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+        model.train(was_training)
+    return {name: collected.sums[name] for name in layers}
 
 
 class GradientInit(Callback):

@@ -28,6 +28,7 @@ from torch import nn
 from lorafit.console import console
 from lorafit.config import check_range
 from lorafit.inits.basic import _lora_factors
+from lorafit.quant import dense_weight
 
 
 def _each_layer(layers: dict[str, nn.Module], what: str):
@@ -36,7 +37,7 @@ def _each_layer(layers: dict[str, nn.Module], what: str):
         task = progress.add_task(what, total=len(layers))
         for name, layer in layers.items():
             _lora_factors(name, layer)   # a LoRA-factor adapter, or a clear error
-            yield name, layer, layer.base.weight.detach().float()
+            yield name, layer, dense_weight(layer.base)   # dequantised on a quantised base
             progress.advance(task)
 
 

@@ -59,6 +59,10 @@ class AdamWConfig(Schedule):
     beta2: float = 0.999
     eps: float = 1e-8
 
+    def state_copies(self) -> int:
+        """fp32 values of optimizer state per trainable value (two moments)."""
+        return 2
+
     def build(self, named_params: list[tuple[str, nn.Parameter]]) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.param_groups(named_params), lr=self.lr, betas=(self.beta1, self.beta2),
                                  eps=self.eps, weight_decay=self.weight_decay)
@@ -70,6 +74,10 @@ class SGDConfig(Schedule):
 
     lr: float = 1e-2
     momentum: float = 0.0
+
+    def state_copies(self) -> int:
+        """fp32 values of optimizer state per trainable value (the momentum buffer, if any)."""
+        return 1 if self.momentum else 0
 
     def build(self, named_params: list[tuple[str, nn.Parameter]]) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.param_groups(named_params), lr=self.lr, momentum=self.momentum,

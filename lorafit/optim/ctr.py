@@ -100,6 +100,10 @@ class CTRConfig:
         check_range("optimizer.rank_budget", self.rank_budget, 0, 1, low_inclusive=False)
         check_range("optimizer.rank_every", self.rank_every, 1)
 
+    def state_copies(self) -> int:
+        """fp32 vectors over the trainable values alive in a step: g, the Fisher EMA, CG's z, r, d, Hd."""
+        return 6
+
     def build(self, named_params: list[tuple[str, nn.Parameter]]) -> None:
         """No torch optimizer: :class:`TrustRegionStep` owns the step."""
         return None

@@ -55,6 +55,7 @@ from lorafit.config import ConfigError, TrainConfig, to_yaml
 from lorafit.console import console
 from lorafit.data.batches import collate
 from lorafit.files import fault_point, load_state, read_json
+from lorafit.models import enable_gradient_checkpointing
 from lorafit.train.checkpoint import (checkpoint_dir, latest_checkpoint, prune_checkpoints, rng_state,
                                       set_rng_state)
 
@@ -149,6 +150,8 @@ class Trainer:
                               f"(data.batch_size={batch}). Lower data.batch_size.")
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * self.steps_per_epoch))
 
+        if cfg.hardware.gradient_checkpointing:
+            enable_gradient_checkpointing(assembled.model)
         named = trainable_parameters(assembled.model)
         self.params = [p for _, p in named]
         owners = [cb for cb in callbacks if cb.owns_step]

@@ -1,0 +1,127 @@
+"""Quantised base layers (QLoRA): bitsandbytes' ``Linear4bit`` (nf4, fp4) and ``Linear8bitLt`` (int8).
+
+The base model is loaded quantised by transformers' own bitsandbytes integration
+(:func:`lorafit.models.load_model` with ``model.quantization``); this module lets adapters and inits
+meet such a layer without knowing its format:
+
+- :func:`is_quantized` — is this linear layer's weight stored quantised?
+- :func:`dense_weight` — its weight as a dense tensor (dequantised; transient, one layer at a time);
+- :func:`set_dense_weight` — replace its weight by a dense one, quantised again in the layer's own
+  format (an init that rewrites W0 into a residual, as PEFT does for PiSSA on a 4-bit base);
+- :class:`WeightGradients` — the gradient of the loss with respect to the (frozen, quantised) weights
+  of some layers, ``Σ_tokens g xᵀ`` from forward and backward hooks: bitsandbytes layers compute no
+  weight gradient, and RoSA's Fisher and LoRA-GA's init need one.
+
+Why bitsandbytes rather than torchao's NF4: it is the format the rest of the ecosystem reads (PEFT's
+QLoRA recipe, transformers' ``BitsAndBytesConfig``, vLLM's and TGI's loaders), it loads a checkpoint
+quantised shard by shard through ``from_pretrained`` (a 70B base never exists in 16 bits in memory),
+and it offers int8 as well; on CPU it runs a plain-PyTorch fallback (≥ 0.46), on GPUs its kernels.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
+
+
+def is_quantized(layer: nn.Module) -> bool:
+    """True if ``layer``'s weight is a bitsandbytes quantised parameter (4-bit or 8-bit)."""
+    weight = getattr(layer, "weight", None)
+    return type(weight).__name__ in ("Params4bit", "Int8Params")
+
+
+def dense_weight(layer: nn.Module, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The weight of a linear layer as a dense ``out × in`` tensor (``dtype``: float32 by default).
+
+    For a quantised layer this dequantises (a new tensor, one layer's worth of memory); for a plain
+    one it is the weight itself, cast only if ``dtype`` differs (treat the result as read-only).
+    """
+    weight = layer.weight
+    kind = type(weight).__name__
+    if kind == "Params4bit":
+        import bitsandbytes.functional as bnbf
+        dense = bnbf.dequantize_4bit(weight.data, weight.quant_state)
+    elif kind == "Int8Params":
+        dense = weight.data.float() * (weight.SCB.float().unsqueeze(1) / 127.0)
+    else:
+        dense = weight.detach()
+    return dense.to(dtype or torch.float32)
+
+
+@torch.no_grad()
+def set_dense_weight(layer: nn.Module, dense: torch.Tensor) -> None:
+    """Set the weight of a linear layer from a dense tensor, quantised again if the layer is quantised."""
+    weight = layer.weight
+    kind = type(weight).__name__
+    if kind == "Params4bit":
+        import bitsandbytes as bnb
+        state = weight.quant_state
+        fresh = bnb.nn.Params4bit(dense.to(state.dtype).cpu(), requires_grad=False, quant_type=state.quant_type,
+                                  blocksize=state.blocksize, compress_statistics=weight.compress_statistics,
+                                  quant_storage=weight.quant_storage)
+        layer.weight = fresh.to(weight.device)
+    elif kind == "Int8Params":
+        import bitsandbytes as bnb
+        fresh = bnb.nn.Int8Params(dense.to(torch.float16).cpu(), requires_grad=False, has_fp16_weights=False)
+        layer.weight = fresh.to(weight.device)
+    else:
+        weight.data = dense.to(weight.dtype)
+
+
+class WeightGradients:
+    """Accumulate ``∂L/∂W = Σ_tokens g xᵀ`` of linear layers whose weight has no gradient (quantised).
+
+    A forward hook on each layer keeps its input x and puts a gradient hook on its output y, which
+    receives g = ∂L/∂y in the backward pass. Where y does not require a gradient (a first layer whose
+    input is the embeddings), a zero that does is added to it, so the backward pass reaches it
+    without changing any value. With gradient checkpointing a layer's forward runs twice; the input is
+    kept per layer and overwritten by the same values.
+
+    Args:
+        layers: name → the linear layer (or an adapter layer: its ``base`` is used).
+        store: device of the sums (the CPU keeps the accelerator's memory free).
+    """
+
+    def __init__(self, layers: dict[str, nn.Module], store: str | torch.device = "cpu") -> None:
+        self.layers = {name: getattr(layer, "base", layer) for name, layer in layers.items()}
+        self.store = store
+        self.sums: dict[str, torch.Tensor] = {}
+        self._inputs: dict[str, torch.Tensor] = {}
+        self._handles: list = []
+        self._zero = torch.zeros((), requires_grad=True)
+
+    def __enter__(self) -> "WeightGradients":
+        self._handles = [layer.register_forward_hook(self._hook(name)) for name, layer in self.layers.items()]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._inputs.clear()
+
+    def _hook(self, name: str):
+        def forward_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> Optional[torch.Tensor]:
+            if not torch.is_grad_enabled():
+                return None
+            self._inputs[name] = args[0].detach()
+            if not output.requires_grad:
+                output = output + self._zero.to(output.device, output.dtype)
+            output.register_hook(lambda g: self._add(name, g))
+            return output
+        return forward_hook
+
+    def _add(self, name: str, g: torch.Tensor) -> None:
+        x = self._inputs[name]
+        grad = g.reshape(-1, g.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()
+        total = self.sums.get(name)
+        self.sums[name] = grad.to(self.store) if total is None else total + grad.to(self.store)
+
+
+def quantized_layers(model: nn.Module) -> Iterable[str]:
+    """Names of the quantised linear layers of ``model``."""
+    return [name for name, module in model.named_modules() if is_quantized(module)]
