@@ -10,7 +10,8 @@ every tensor autograd keeps for the backward pass. Per process:
   double-quantised block scales) / int8 (1 byte plus a row scale) for ``model.quantization``;
 - **adapter**: the adapter's tensors (and a trained head);
 - **optimizer**: its state (AdamW and the rules built on it: two fp32 moments per trainable value);
-- **activations**: what the forward pass keeps for the backward pass. With
+- **activations**: what the forward pass keeps for the backward pass (attention as the fused
+  kernels keep it: no S×S probabilities). With
   ``hardware.gradient_checkpointing`` only each block's input is kept, plus, during the backward,
   one block's activations recomputed;
 - **transients**: alive at the start of the backward pass next to the activations: the loss's
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+from unittest import mock
 
 import torch
 from torch import nn
@@ -121,6 +123,28 @@ def _weight_bytes(model: nn.Module, heads: list[str], quantization: str, dtype: 
     return total
 
 
+class _FusedAttention(torch.autograd.Function):
+    """Stands in for a fused attention kernel (flash / memory-efficient: what SDPA runs in training on
+    CPUs and GPUs) while tracing on meta tensors, where PyTorch would decompose attention into the
+    math path and keep the S×S probabilities: keeps what the fused kernels keep — q, k, v, the output
+    and one log-sum-exp per query."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+        ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        q, k, v, *_ = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _fused_sdpa(query, key, value, *args, **kwargs) -> torch.Tensor:
+    return _FusedAttention.apply(query, key, value)
+
+
 def _blocks(model: nn.Module) -> list[nn.Module]:
     """The repeated transformer blocks (the longest ModuleList): what gradient checkpointing wraps."""
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
@@ -160,7 +184,8 @@ def _saved_activations(model: nn.Module, inputs: dict[str, torch.Tensor], head: 
 
         handles.append(block.register_forward_hook(leave))
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", _fused_sdpa):
             logits = model(**inputs).logits
             head_loss(logits, inputs_labels(inputs, logits, head), head)
     finally:
@@ -187,10 +212,10 @@ def estimate(cfg: TrainConfig, processes: int = 1) -> MemoryEstimate:
     auto_cls = AUTO_CLASSES.get(head)
     if auto_cls is None:
         from transformers import AutoModelForSequenceClassification as auto_cls
-    # quantised layers compute in the compute dtype: build them so on meta (their storage is counted apart)
-    build_dtype = compute if cfg.model.quantization != "none" else dtype
+    # activations follow the unquantised parts' dtype (a quantised layer returns its input's dtype);
+    # the quantised weights' storage is counted apart
     with torch.device("meta"):
-        model = auto_cls.from_config(config, dtype=build_dtype)
+        model = auto_cls.from_config(config, dtype=dtype)
     heads = head_module_names(model)
     weights = _weight_bytes(model, heads, cfg.model.quantization, dtype)
     targets = find_targets(model, cfg.adapter.target_modules or default_targets(model), exclude=heads)
@@ -223,7 +248,7 @@ def estimate(cfg: TrainConfig, processes: int = 1) -> MemoryEstimate:
     logits_grad = micro * sequence * vocab * 4                  # ∂L/∂logits, fp32
     dequantised = 0
     if cfg.model.quantization != "none":
-        biggest = max((m.weight.numel() for n, m in model.named_modules() if n in targets), default=0)
+        biggest = max((m.base.weight.numel() for n, m in model.named_modules() if n in targets), default=0)
         dequantised = biggest * compute.itemsize
     return MemoryEstimate(weights=weights, adapter=adapter, optimizer=optimizer, activations=activations,
                           transients=logits_grad + grads + dequantised, micro_batch=micro, sequence=sequence,

@@ -86,20 +86,24 @@ def fold_checked(model: nn.Module, tolerance: float = 1e-4, tokens: int = 4) -> 
     worst = 0.0
     for name, layer in adapter_layers(model).items():
         base = layer.base
-        dtype = base.weight.dtype
-        base.float()                                              # this one layer in fp32, transiently
-        x = torch.randn(tokens, base.in_features, generator=gen).to(base.weight.device)
+        stored, stored_bias = base.weight.data, None if base.bias is None else base.bias.data
+        base.weight.data = stored.float()                         # this one layer in fp32, transiently
+        if stored_bias is not None:
+            base.bias.data = stored_bias.float()
+        x = torch.randn(tokens, base.in_features, generator=gen).to(stored.device)
         reference = layer(x).float()
         merged = layer.merged_weight().float()
-        folded = F.linear(x, merged, None if base.bias is None else base.bias.float())
+        folded = F.linear(x, merged, None if base.bias is None else base.bias)
         error = float((folded - reference).abs().max()) / max(1.0, float(reference.abs().max()))
         worst = max(worst, error)
         if error > tolerance:
             raise ConfigError(f"The folded weight of {name} does not reproduce the adapter layer's output (relative "
                               f"error {error:.3g} > {tolerance:g}, in fp32). Nothing was written. This is a bug in the "
                               f"adapter's merge formula; please report it with the run's config.")
-        base.weight.data = merged.to(dtype)
-        base.to(dtype)
+        stored.copy_(merged)                                      # in place: the base's own storage, its dtype
+        base.weight.data = stored
+        if stored_bias is not None:
+            base.bias.data = stored_bias
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, base)
         del merged, x
@@ -151,6 +155,7 @@ def _merge_into(assembled, adapter_dir: Path, tmp: Path, out: Path, tolerance: f
     model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(tmp)
     del model, assembled.model
+    assembled.layers.clear()                     # the adapter layers still referenced the folded weights
     gc.collect()                                 # the written folder is reloaded into the freed memory
     reloaded = _auto_class(task).from_pretrained(tmp, dtype=dtype).eval()
     plain = reloaded(**inputs).logits.float()

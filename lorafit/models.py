@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import struct
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
@@ -156,6 +157,8 @@ def load_model(cfg: ModelConfig, head: str, num_labels: int = 2, seed: int = 0,
             extra_load = {"quantization_config": quantized, "device_map": {"": target}}
         model = from_pretrained(auto_cls.from_pretrained, cfg.name_or_path, "the model weights", fix,
                                 config=config, dtype=dtype, trust_remote_code=cfg.trust_remote_code, **extra_load)
+        if quantized is not None:
+            release_checkpoint_files(model)
         for module in model.modules():
             # bitsandbytes repacks a 4-bit weight for AVX512-BF16 CPUs on the first eval-mode forward, rounding
             # its scales to bf16: eval would compute with other weights than training (and dequantising the
@@ -210,21 +213,39 @@ def weight_files(source: str) -> list[Path]:
     return []
 
 
-def _checksum_from_file(file: Path, key: str, dtype: torch.dtype) -> tuple[tuple[int, ...], int]:
-    """(shape, Σ int32 bit patterns) of one tensor, read in row chunks and cast to ``dtype`` then fp32
-    exactly as loading it in ``dtype`` and calling ``.float()`` would (no full copy of the tensor)."""
-    from safetensors import safe_open
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
 
-    with safe_open(str(file), "pt") as handle:
-        part = handle.get_slice(key)
-        shape = tuple(part.get_shape())
-        if not shape:
-            return shape, int(handle.get_tensor(key).to(dtype).float().view(torch.int32).to(torch.int64).sum())
-        row_bytes = max(1, int(torch.tensor(shape[1:]).prod()) if len(shape) > 1 else 1) * 4
-        rows = max(1, CHUNK_BYTES // row_bytes)
-        total = 0
-        for start in range(0, shape[0], rows):
-            chunk = part[start:start + rows].to(dtype).float().contiguous()
+
+def safetensors_index(files: Iterable[Path]) -> dict[str, tuple[Path, dict, int]]:
+    """key → (file, the header entry: dtype, shape, data_offsets; where the data starts), for every tensor."""
+    index = {}
+    for file in files:
+        with open(file, "rb") as handle:
+            size = struct.unpack("<Q", handle.read(8))[0]
+            header = json.loads(handle.read(size))
+        index.update({key: (file, entry, 8 + size) for key, entry in header.items() if key != "__metadata__"})
+    return index
+
+
+def _checksum_from_file(file: Path, entry: dict, data_start: int, dtype: torch.dtype) -> tuple[tuple[int, ...], int]:
+    """(shape, Σ int32 bit patterns) of one tensor read from its safetensors file in row chunks — cast to
+    ``dtype`` then fp32, exactly as loading it in ``dtype`` and calling ``.float()`` would. Plain reads,
+    no memory map: only one chunk is ever in the process's memory."""
+    shape = tuple(entry["shape"])
+    stored = SAFETENSORS_DTYPES[entry["dtype"]]
+    begin, end = entry["data_offsets"]
+    row = (int(torch.tensor(shape[1:]).prod()) if len(shape) > 1 else 1) * stored.itemsize
+    rows = max(1, CHUNK_BYTES // max(row, 1))
+    total = 0
+    with open(file, "rb") as handle:
+        handle.seek(data_start + begin)
+        remaining = end - begin
+        while remaining > 0:
+            raw = handle.read(min(rows * row, remaining))
+            remaining -= len(raw)
+            chunk = torch.frombuffer(bytearray(raw), dtype=stored).to(dtype).float()
             total += int(chunk.view(torch.int32).to(torch.int64).sum())
     return shape, total
 
@@ -240,11 +261,7 @@ def base_fingerprint(model: nn.Module, names: Iterable[str], source: str, dtype:
     """
     from lorafit.quant import is_quantized
 
-    keys: dict[str, Path] = {}
-    for file in weight_files(source):
-        from safetensors import safe_open
-        with safe_open(str(file), "pt") as handle:
-            keys.update({k: file for k in handle.keys()})
+    keys = safetensors_index(weight_files(source))
     params = dict(model.named_parameters())
     owners = {f"{n}.weight": m for n, m in model.named_modules() if is_quantized(m)}
     prefix = getattr(model, "base_model_prefix", "")
@@ -253,7 +270,7 @@ def base_fingerprint(model: nn.Module, names: Iterable[str], source: str, dtype:
         candidates = (name, name.removeprefix(prefix + "."), f"{prefix}.{name}")
         key = next((k for k in candidates if k in keys), None)
         if key is not None:
-            shape, total = _checksum_from_file(keys[key], key, dtype)
+            shape, total = _checksum_from_file(*keys[key], dtype)
         elif name in owners:
             raise ConfigError(f"The weight {name} is quantised and the base '{source}' has no safetensors file holding "
                               f"it, so its full-precision fingerprint cannot be taken. Convert the base to "
@@ -263,6 +280,22 @@ def base_fingerprint(model: nn.Module, names: Iterable[str], source: str, dtype:
             shape, total = tuple(bits.shape), int(bits.to(torch.int64).sum())
         digest.update(f"{name}{shape}{total}".encode())
     return digest.hexdigest()[:16]
+
+
+@torch.no_grad()
+def release_checkpoint_files(model: PreTrainedModel) -> None:
+    """Copy the unquantised tensors (embeddings, norms, heads) out of the checkpoint's memory map.
+
+    transformers loads them as views of the mmapped safetensors files; while one view lives, every
+    page read while quantising the rest stays mapped and counts as resident — 4.2 GB for an nf4
+    1.1B model loaded from fp32 files whose own weights take 1 GB. The copies let the mapping go.
+    """
+    from lorafit.quant import is_quantized
+
+    quantised = {id(m.weight) for m in model.modules() if is_quantized(m)}
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if id(tensor) not in quantised:
+            tensor.data = tensor.data.clone()
 
 
 def enable_gradient_checkpointing(model: PreTrainedModel) -> None:

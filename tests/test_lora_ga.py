@@ -212,3 +212,21 @@ def test_init_gradient_is_the_mean_over_all_init_batches(tiny_llama_cfg, alpaca:
         assert error <= 1e-5, f"{name}: the init's G is off the mean of the per-batch gradients by {error:.3g}"
         # the batches really differ: no single batch's gradient (nor a share of it) stands in for the mean
         assert all(rel(g[name] / n_batches, mean) > 0.1 and rel(g[name], mean) > 0.1 for g in per_batch), name
+
+
+def test_grouped_passes_give_the_same_factors(tmp_path: Path) -> None:
+    """init.gradient_memory splits the targets into groups (one pass over the init batches each):
+    the factors, and so the adapter after training, are the same as in one pass."""
+    from lorafit.cli import main as cli_main
+
+    args = ["train", "model=tiny_llama", "data=sentiment_demo", "data.max_train_examples=16", "data.batch_size=8",
+            "max_steps=2", "init=lora_ga", "init.batches=2", "init.batch_size=2", "progress=false",
+            "eval_at_start=false", "model.dropout=0.0"]
+    for name, extra in (("one", []), ("groups", ["init.gradient_memory=0.00002"])):   # ~21 KB: several groups
+        try:
+            cli_main([*args, f"output_dir={tmp_path / name}", *extra])
+        except SystemExit as exc:
+            assert exc.code == 0
+    a, b = (load_file(str(tmp_path / n / "adapter" / "adapter_model.safetensors")) for n in ("one", "groups"))
+    assert a.keys() == b.keys()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6

@@ -55,17 +55,24 @@ class LoRAGAInit:
         batch_size: examples per batch. Default: 2.
         gamma: the "stable" scale's γ; factors are multiplied by out^{1/4}/√γ. Default: 16.
         cache: a file for the computed factors; reused when it matches this run. Default: null.
+        gradient_memory: GiB the running gradient sums may take (fp32, one out×in matrix per target).
+            0 (the default): every target in one pass over the init batches. Otherwise the targets are
+            split into groups whose sums fit, one pass each: the same factors (the model's function does
+            not change during the init, so each layer's gradient is the same), memory ÷ groups, time ×
+            groups. On a GPU the sums live in host memory either way.
     """
 
     batches: int = 64
     batch_size: int = 2
     gamma: float = 16.0
     cache: Optional[str] = None
+    gradient_memory: float = 0.0
 
     def __post_init__(self) -> None:
         check_range("init.batches", self.batches, 1)
         check_range("init.batch_size", self.batch_size, 1)
         check_range("init.gamma", self.gamma, 0, low_inclusive=False)
+        check_range("init.gradient_memory", self.gradient_memory, 0)
 
     def apply(self, layers: dict[str, nn.Module]) -> None:
         """Check the layers now (a clear error before any data is read); the work is a callback."""
@@ -171,18 +178,35 @@ class GradientInit(Callback):
         key = self.cache_key(trainer)
         factors = self.read_cache(key)
         if factors is None:
-            grads = self.mean_gradients(trainer, model, layers)
             factors = {}
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(trainer.cfg.seed)  # the randomised SVD: the same on every process
-                for name in list(grads):              # each full gradient is dropped once factored
-                    grad = grads.pop(name).to(layers[name].lora_A.device)
-                    factors[name] = lora_ga_factors(grad, layers[name].r, self.cfg.gamma)
+                for group in self.groups(layers):     # (no randomness in the gradient passes: eval mode)
+                    grads = self.mean_gradients(trainer, model, group)
+                    for name in list(grads):          # each full gradient is dropped once factored
+                        grad = grads.pop(name).to(layers[name].lora_A.device)
+                        factors[name] = lora_ga_factors(grad, layers[name].r, self.cfg.gamma)
             if self.cfg.cache and trainer.accelerator.is_main_process:
                 self.write_cache(key, factors)
         for name, layer in layers.items():
             A0, B0 = factors[name]
             layer.rebase(A0.to(layer.lora_A.device), B0.to(layer.lora_B.device))
+
+    def groups(self, layers: dict[str, LoRALinear]) -> list[dict[str, LoRALinear]]:
+        """Consecutive groups of targets whose fp32 gradient sums fit ``gradient_memory`` (one group if 0)."""
+        budget = self.cfg.gradient_memory * 2 ** 30
+        if budget <= 0:
+            return [layers]
+        groups: list[dict[str, LoRALinear]] = [{}]
+        used = 0
+        for name, layer in layers.items():
+            size = layer.base.out_features * layer.base.in_features * 4
+            if groups[-1] and used + size > budget:
+                groups.append({})
+                used = 0
+            groups[-1][name] = layer
+            used += size
+        return groups
 
     def mean_gradients(self, trainer: Any, model: nn.Module, layers: dict[str, LoRALinear]) -> dict[str, torch.Tensor]:
         """This process's share of the init batches, through :func:`mean_gradients`, summed over processes."""
@@ -208,7 +232,7 @@ class GradientInit(Callback):
     # ------------------------------------------------------------------- cache
     def cache_key(self, trainer: Any) -> dict:
         meta = trainer.assembled.meta
-        init = {k: v for k, v in as_dict(self.cfg).items() if k != "cache"}
+        init = {k: v for k, v in as_dict(self.cfg).items() if k not in ("cache", "gradient_memory")}
         return {"base_fingerprint": meta["base_fingerprint"], "targets": meta["targets"],
                 "adapter": meta["adapter"], "init": init, "seed": trainer.cfg.seed,
                 "data": to_yaml(trainer.cfg.data)}
