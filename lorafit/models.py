@@ -94,9 +94,10 @@ def resolve_dtype(cfg: ModelConfig, config: Optional[PretrainedConfig] = None) -
     return found if isinstance(found, torch.dtype) and found in DTYPES.values() else torch.float32
 
 
-def quantization_config(cfg: ModelConfig, dtype: torch.dtype) -> Any:
+def quantization_config(cfg: ModelConfig, dtype: torch.dtype, heads: Iterable[str] = ()) -> Any:
     """transformers' ``BitsAndBytesConfig`` for ``model.quantization`` (None for ``none``): the QLoRA
-    recipe — nf4/fp4 with double quantisation, dequantised to ``model.compute_dtype`` — or int8."""
+    recipe — nf4/fp4 with double quantisation, dequantised to ``model.compute_dtype`` — or int8. The
+    ``heads`` (a classifier, a reward or LM head) stay unquantised: they may be trained."""
     if cfg.quantization == "none":
         return None
     from transformers import BitsAndBytesConfig
@@ -105,9 +106,10 @@ def quantization_config(cfg: ModelConfig, dtype: torch.dtype) -> Any:
         raise ConfigError(f"model.quantization={cfg.quantization} needs the bitsandbytes package: "
                           f"pip install 'bitsandbytes>=0.46' (or model.quantization=none).")
     compute = dtype if cfg.compute_dtype == "auto" else DTYPES[cfg.compute_dtype]
+    skip = list(heads) or None
     if cfg.quantization == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quantization,
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quantization, llm_int8_skip_modules=skip,
                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)
 
 
@@ -150,7 +152,12 @@ def load_model(cfg: ModelConfig, head: str, num_labels: int = 2, seed: int = 0,
         if cfg.dropout is not None:
             _override_dropout(config, cfg.dropout)
         dtype = resolve_dtype(cfg, config)
-        quantized = quantization_config(cfg, dtype)
+        heads = []
+        if cfg.quantization != "none":       # the head's module names, from a weightless (meta) instance
+            with torch.device("meta"):
+                heads = head_module_names(auto_cls.from_config(config))
+            torch.manual_seed(seed)          # the new head starts as it would unquantised
+        quantized = quantization_config(cfg, dtype, heads)
         extra_load = {}
         if quantized is not None:
             target = torch.device(device) if device is not None else torch.device("cpu")

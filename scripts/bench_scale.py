@@ -115,8 +115,19 @@ def write_model(folder: Path, shape: str) -> None:
 
 
 # ---------------------------------------------------------------------------------- one worker
-def build_lorafit(model_dir: str, setting: str, device: str = "cpu"):
-    from lorafit.adapters.lora import LoRAConfig
+def adapter_config(adapter: str):
+    """``adapter=NAME`` with its defaults, LoRA-family ranks at 16 (α 32), on the seven projections."""
+    from lorafit.cli import compose
+    from lorafit.config import schema_of, to_object
+
+    overrides = [f"adapter={adapter}", f"adapter.target_modules=[{','.join(TARGETS)}]"]
+    if adapter in ("lora", "rslora", "dora", "rosa", "lora_dash"):
+        overrides += ["adapter.r=16", "adapter.alpha=32"]
+    node = compose("train", overrides)["adapter"]
+    return to_object(node, schema_of(node, "adapter"), "adapter")
+
+
+def build_lorafit(model_dir: str, setting: str, device: str = "cpu", adapter: str = "lora"):
     from lorafit.assemble import assemble
     from lorafit.config import ModelConfig
     from lorafit.models import enable_gradient_checkpointing
@@ -124,7 +135,13 @@ def build_lorafit(model_dir: str, setting: str, device: str = "cpu"):
     dtype, quantization, ckpt = SETTINGS[setting]
     cfg = ModelConfig(name_or_path=model_dir, dtype=dtype, quantization=quantization, compute_dtype="bfloat16",
                       tokenizer=None)
-    built = assemble(cfg, LoRAConfig(r=16, alpha=32, target_modules=TARGETS), None, "causal_lm", 0, device=device)
+    built = assemble(cfg, adapter_config(adapter), None, "causal_lm", 0, device=device)
+    for layer in built.layers.values():                     # RoSA / LoRA-Dash in their steady state
+        if hasattr(layer, "set_mask") and hasattr(layer, "sparse_values"):
+            import torch
+            layer.set_mask(torch.rand(layer.base.out_features, layer.base.in_features, device=device))
+        if hasattr(layer, "launch") and hasattr(layer, "dash_d"):
+            layer.launch()
     model = built.model.to(device)
     if ckpt:
         enable_gradient_checkpointing(model)
@@ -136,7 +153,7 @@ def build_lorafit(model_dir: str, setting: str, device: str = "cpu"):
     return model, loss_of
 
 
-def build_peft(model_dir: str, setting: str, device: str = "cpu"):
+def build_peft(model_dir: str, setting: str, device: str = "cpu", adapter: str = "lora"):
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -155,7 +172,7 @@ def build_peft(model_dir: str, setting: str, device: str = "cpu"):
     elif ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS,
-                                             task_type="CAUSAL_LM"))
+                                             use_dora=adapter == "dora", task_type="CAUSAL_LM"))
 
     def loss_of(ids):
         return model(input_ids=ids, labels=ids).loss
@@ -167,9 +184,9 @@ def worker(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     baseline = rss()
-    side, setting = args.worker.split(":")
+    side, setting, adapter = (args.worker.split(":") + ["lora"])[:3]
     t0 = time.perf_counter()
-    model, loss_of = (build_lorafit if side == "lorafit" else build_peft)(args.model_dir, setting, args.device)
+    model, loss_of = (build_lorafit if side == "lorafit" else build_peft)(args.model_dir, setting, args.device, adapter)
     load_s = time.perf_counter() - t0
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -197,7 +214,7 @@ def worker(args: argparse.Namespace) -> dict:
         losses.append(step())
         sync()
     step_s = time.perf_counter() - t0
-    result = {"side": side, "setting": setting, "load_s": load_s, "step_s": step_s, "losses": losses,
+    result = {"side": side, "setting": setting, "adapter": adapter, "load_s": load_s, "step_s": step_s, "losses": losses,
               "rss_process_baseline": baseline, "rss_before_step": before, "rss_step_peak": poller.peak - before,
               "rss_total_peak": poller.peak, "trainable": sum(p.numel() for p in trainable), "device": args.device}
     if cuda:                                                # on a GPU the figures are the device's
@@ -243,6 +260,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--profile", action="store_true", help="also the profiler's live-tensor peak of a third step")
     p.add_argument("--device", default="cpu", help="cpu, or cuda (then the memory figures are the GPU's)")
+    p.add_argument("--adapters", nargs="*", default=["lora"],
+                   help="lorafit adapters to run (PEFT runs lora and dora); default: lora")
     p.add_argument("--markdown", action="store_true")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -257,25 +276,26 @@ def main() -> None:
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(args.threads),
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    for setting in args.settings:
-        for side in args.sides:
-            key = f"{side}:{setting}"
-            if key in results:
-                continue
-            cmd = [sys.executable, __file__, "--worker", key, "--model-dir", str(model_dir), "--batch", str(args.batch),
-                   "--seq", str(args.seq), "--threads", str(args.threads), "--device", args.device,
-                   *(["--profile"] if args.profile else [])]
-            print("$", key, flush=True)
-            done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if line is None:
-                print(done.stdout[-2000:], done.stderr[-4000:])
-                continue
-            results[key] = json.loads(line[len("RESULT "):])
-            results_file.write_text(json.dumps(results, indent=1))
+    jobs = [(setting, side, adapter) for setting in args.settings for adapter in args.adapters for side in args.sides
+            if side == "lorafit" or adapter in ("lora", "dora")]
+    for setting, side, adapter in jobs:
+        key = f"{side}:{setting}" if adapter == "lora" else f"{side}:{setting}:{adapter}"
+        if key in results:
+            continue
+        cmd = [sys.executable, __file__, "--worker", key, "--model-dir", str(model_dir), "--batch", str(args.batch),
+               "--seq", str(args.seq), "--threads", str(args.threads), "--device", args.device,
+               *(["--profile"] if args.profile else [])]
+        print("$", key, flush=True)
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if line is None:
+            print(done.stdout[-2000:], done.stderr[-4000:])
+            continue
+        results[key] = json.loads(line[len("RESULT "):])
+        results_file.write_text(json.dumps(results, indent=1))
     for key in results:                      # the estimator's current prediction for every measured run
-        side, setting = key.split(":")
-        if side == "lorafit":
+        side, setting = key.split(":")[:2]
+        if side == "lorafit" and key.count(":") == 1:
             results[key]["estimate"] = lorafit_estimate(str(model_dir), setting, args.batch, args.seq)
     results_file.write_text(json.dumps(results, indent=1))
     if args.markdown:
@@ -283,6 +303,16 @@ def main() -> None:
 
 
 def markdown(results: dict) -> str:
+    rows = [markdown_lora(results)]
+    others = sorted(k for k in results if k.count(":") == 2)
+    if others:
+        rows += ["", "| run | step peak MiB | total MiB | step s |", "|---|---:|---:|---:|"]
+        rows += [f"| {k} | {results[k]['rss_step_peak'] / MiB:,.0f} | {results[k]['rss_total_peak'] / MiB:,.0f} | "
+                 f"{results[k]['step_s']:.2f} |" for k in others]
+    return "\n".join(rows)
+
+
+def markdown_lora(results: dict) -> str:
     rows = ["| setting | lorafit step peak | PEFT step peak | ratio | lorafit total | PEFT total | ratio | "
             "estimate step / total (error) | lorafit step s | PEFT step s | time ratio |",
             "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]

