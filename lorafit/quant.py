@@ -68,6 +68,10 @@ def set_dense_weight(layer: nn.Module, dense: torch.Tensor) -> None:
         import bitsandbytes as bnb
         fresh = bnb.nn.Int8Params(dense.to(torch.float16).cpu(), requires_grad=False, has_fp16_weights=False)
         layer.weight = fresh.to(weight.device)
+    elif weight.shape == dense.shape:
+        # in place: a weight still in the checkpoint's (private, writable) memory map becomes anonymous
+        # memory page by page, instead of a second copy of the layer next to the mapped file pages
+        weight.data.copy_(dense)
     else:
         weight.data = dense.to(weight.dtype)
 

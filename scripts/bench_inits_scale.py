@@ -7,8 +7,9 @@ The model is ``scripts/bench_scale.py``'s random TinyLlama-1.1B-shape checkpoint
 all seven projections of the 22 blocks (154 layers). Each variant runs in a fresh process (glibc's
 mmap threshold fixed at 64 KiB, so RSS follows live memory): the base is loaded and the adapter
 attached, then the init runs, and the figures are its wall time and its peak RSS above the RSS
-before it (the model's own memory excluded) — next to the size of the largest target layer's
-weight in fp32, the "one layer" the SVD inits are to stay near:
+before it (the model's own memory excluded: every weight is read once first, so the checkpoint's
+mapped pages are resident before the measurement starts, as they are in training) — next to the
+size of the largest target layer's weight in fp32, the "one layer" the SVD inits are to stay near:
 
 - ``pissa`` (exact SVD per layer), ``pissa_fast`` (``niter=4``), ``milora``, ``olora``;
 - ``spectral``: Spectral-A's top-r SVD per layer as it wraps the layers (``adapter=spectral_a``);
@@ -62,6 +63,9 @@ def worker(args) -> dict:
     layers = None
     if method != "spectral":
         layers = attach(model, LoRAConfig(r=16, alpha=32), targets)
+    with torch.no_grad():     # fault every weight in first: training reads them all anyway, and pages
+        for p in model.parameters():    # first touched by the init would be counted as its memory
+            p.float().sum() if p.is_floating_point() else None
     before = rss()
     t0 = time.perf_counter()
     with Poller(0.002) as poller:
