@@ -18,6 +18,7 @@ from lorafit import __version__
 from lorafit.adapters import attach, find_targets, load_adapter_state
 from lorafit.config import ConfigError, ModelConfig, schema_of, as_dict, to_object
 from lorafit.adapters.io import Assembled, read_adapter_config, read_adapter_weights
+from lorafit.adapters.tokens import add_token_rows
 from lorafit.models import (DTYPES, base_fingerprint, default_targets, head_module_names, load_model,
                             load_tokenizer, resolve_dtype)
 
@@ -33,11 +34,13 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def assemble(model_cfg: ModelConfig, adapter_cfg: Any, init_cfg: Any, head: str, num_labels: int,
-             seed: int = 0, device: Any = None) -> Assembled:
+             seed: int = 0, device: Any = None, data: Any = None) -> Assembled:
     """Load the base model with ``head`` (quantised onto ``device`` if asked), attach the adapter to its
-    target layers, run the init."""
+    target layers, run the init. ``data.configure(tokenizer)`` sets a chat template; the special tokens it
+    adds get trainable rows (:mod:`lorafit.adapters.tokens`)."""
     tokenizer = load_tokenizer(model_cfg)
     model = load_model(model_cfg, head, num_labels, seed=seed, tokenizer=tokenizer, device=device)
+    added = data.configure(tokenizer) if data is not None else []     # after the base is built or loaded
     dtype = resolve_dtype(model_cfg, model.config)
     all_heads = head_module_names(model)
     trained_heads = [] if head == "causal_lm" else all_heads
@@ -47,7 +50,7 @@ def assemble(model_cfg: ModelConfig, adapter_cfg: Any, init_cfg: Any, head: str,
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
         raise ConfigError(f"adapter.target_modules={patterns} matches no linear layer of this "
                           f"{model.config.model_type} model. Linear layer names here: {', '.join(linear)}.")
-    base_fp = _fingerprint(model, all_heads, model_cfg.name_or_path, dtype)
+    base_fp = _fingerprint(model, all_heads, "" if model_cfg.build is not None else model_cfg.name_or_path, dtype)
     torch.manual_seed(seed)  # adapter factors start the same on every process and every resume
     layers = attach(model, adapter_cfg, targets)
     if init_cfg is not None:
@@ -55,6 +58,7 @@ def assemble(model_cfg: ModelConfig, adapter_cfg: Any, init_cfg: Any, head: str,
             init_cfg.apply(layers)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+    add_token_rows(model, tokenizer, added)
     for name in trained_heads:
         for param in model.get_submodule(name).parameters():
             param.requires_grad_(True)
@@ -70,6 +74,8 @@ def assemble(model_cfg: ModelConfig, adapter_cfg: Any, init_cfg: Any, head: str,
         "model": as_dict(model_cfg),
         "adapter": as_dict(adapter_cfg),
         "init": as_dict(init_cfg) if init_cfg is not None else None,
+        "added_tokens": {token: tokenizer.convert_tokens_to_ids(token) for token in added},
+        "chat_template": getattr(tokenizer, "chat_template", None),
     }
     return Assembled(model, tokenizer, layers, trained_heads, meta)
 
@@ -106,6 +112,7 @@ def load_adapted(adapter_dir: str | os.PathLike, base_model: Optional[str] = Non
     adapter_cfg = to_object(adapter_node, schema_of(adapter_node, "adapter"), "adapter")
     tokenizer = load_tokenizer(model_cfg)
     model = load_model(model_cfg, meta["task"], meta["num_labels"], tokenizer=tokenizer, device=device)
+    added = replay_tokenizer(tokenizer, meta)
     heads = head_module_names(model)
     found = _fingerprint(model, heads, model_cfg.name_or_path, trained_dtype or resolve_dtype(model_cfg, model.config))
     if found != meta["base_fingerprint"]:
@@ -115,5 +122,25 @@ def load_adapted(adapter_dir: str | os.PathLike, base_model: Optional[str] = Non
             f"would silently give a different model. Pass the original base (the run recorded "
             f"'{meta['base_model']}').")
     layers = attach(model, adapter_cfg, meta["targets"])
+    add_token_rows(model, tokenizer, added)
     load_adapter_state(model, read_adapter_weights(adapter_dir))
     return Assembled(model, tokenizer, layers, meta["modules_to_save"], meta)
+
+
+def replay_tokenizer(tokenizer: Any, meta: dict[str, Any]) -> list[str]:
+    """Give the tokenizer the run's chat template and added tokens (at the ids they had); returns the tokens.
+
+    Raises:
+        ConfigError: an added token lands on another id (the tokenizer is not the run's).
+    """
+    if meta.get("chat_template"):
+        tokenizer.chat_template = meta["chat_template"]
+    added = dict(meta.get("added_tokens") or {})
+    if added:
+        tokenizer.add_tokens(list(added), special_tokens=True)
+        moved = {t: i for t, i in added.items() if tokenizer.convert_tokens_to_ids(t) != i}
+        if moved:
+            raise ConfigError(f"The run added the tokens {added} to its tokenizer, but on this tokenizer "
+                              f"({tokenizer.name_or_path}) they land on other ids ({moved} expected). Use the "
+                              f"tokenizer the run was trained with.")
+    return list(added)

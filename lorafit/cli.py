@@ -1,4 +1,4 @@
-"""``lorafit train | estimate | merge | eval | report``: the command line.
+"""``lorafit train | estimate | merge | eval | chat | report``: the command line.
 
 ``lorafit train [--recipe FILE] [overrides]`` composes ``configs/train.yaml`` with Hydra, applies a
 recipe (a diff-only Hydra file, see ``recipes/``) and the overrides, validates everything against
@@ -258,6 +258,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    from lorafit.eval.chat import chat
+
+    chat(args.model, prompt=args.prompt, system=args.system, max_new_tokens=args.max_new_tokens,
+         temperature=args.temperature)
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from lorafit.eval.report import report
 
@@ -294,6 +302,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="e.g. suite=glue data.task=sst2 data.path=DIR output_dir=EVAL; "
                         "suite=commonsense protocol=loglik \"tasks=[boolq,piqa]\" data.path=DIR")
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("chat", help="talk to a trained model with its chat template (a run, merged or HF folder)")
+    p.add_argument("model", help="a run folder, a merged folder or a causal-LM folder with a chat template")
+    p.add_argument("--prompt", help="answer this one message on stdout and exit (for scripts)")
+    p.add_argument("--system", help="a system message to start the conversation with")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
+    p.set_defaults(func=cmd_chat)
     p = sub.add_parser("report", help="compare runs side by side: metrics table and loss curves (report.md, loss.png)")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
                    help="training run folders or `lorafit eval` output folders")

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -29,7 +30,10 @@ GROUPS = ("model", "adapter", "init", "optimizer", "data", "hardware", "task")
 GROUP_ALIASES = {"optim": "optimizer"}
 KEY_ALIASES = {"reward": "task.reward"}
 """Top-level keys of earlier versions and where they live now (``reward.run=`` is ``task.reward.run=``)."""
-RENAMED_TARGETS = {"lorafit.data.tasks.": "lorafit.data.options.", "lorafit.config.SupervisedTask": "lorafit.task.SupervisedTask"}
+RENAMED_TARGETS = {"lorafit.data.tasks.InstructData": "lorafit.data.chat.InstructData",
+                   "lorafit.data.options.InstructData": "lorafit.data.chat.InstructData",
+                   "lorafit.data.tasks.": "lorafit.data.options.",
+                   "lorafit.config.SupervisedTask": "lorafit.task.SupervisedTask"}
 """Schema paths of earlier versions (in the ``config.yaml`` of older runs) and their present home."""
 
 
@@ -148,14 +152,43 @@ class HardwareConfig:
         check_choice("hardware.mixed_precision", self.mixed_precision, ["no", "bf16", "fp16"])
         check_range("hardware.grad_accum_steps", self.grad_accum_steps, 1)
 
-    def accelerator(self) -> Any:
-        """The ``accelerate.Accelerator`` of this process for these settings."""
+    def accelerator(self, log_with: Sequence[str] = (), logging_dir: Optional[str] = None) -> Any:
+        """The ``accelerate.Accelerator`` of this process for these settings (with experiment trackers
+        ``log_with`` writing under ``logging_dir``)."""
         import torch
         from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
 
         if self.device == "gpu" and not torch.cuda.is_available():
             raise ConfigError("hardware=gpu but no CUDA device is visible. Use hardware=cpu (or hardware=auto).")
-        return Accelerator(cpu=self.device == "cpu", mixed_precision=self.mixed_precision)
+        project = ProjectConfiguration(project_dir=logging_dir, logging_dir=logging_dir) if logging_dir else None
+        return Accelerator(cpu=self.device == "cpu", mixed_precision=self.mixed_precision,
+                           log_with=list(log_with) or None, project_config=project)
+
+
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+"""``logging.backends`` → the package each needs (accelerate's trackers drive them)."""
+
+
+@dataclass
+class LoggingConfig:
+    """``logging.*``: experiment tracking besides ``RUN/metrics.jsonl`` (always written).
+
+    Attributes:
+        backends: any of ``tensorboard`` (``RUN/tb/``), ``wandb`` (its own settings: ``WANDB_MODE``,
+            ``WANDB_PROJECT``...), ``mlflow`` (``MLFLOW_TRACKING_URI``, else ``sqlite:///RUN/mlflow.db``),
+            through accelerate's trackers. ``pip install 'lorafit[wandb]'`` / ``'lorafit[mlflow]'``.
+        project: the experiment / project name the trackers file the run under.
+        run_name: the run's name there (default: the output folder's name).
+    """
+
+    backends: list[str] = field(default_factory=list)
+    project: str = "lorafit"
+    run_name: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        for name in self.backends:
+            check_choice("logging.backends", name, list(TRACKERS))
 
 
 @dataclass
@@ -176,7 +209,8 @@ class TrainConfig:
         overwrite: start afresh in an ``output_dir`` that holds an earlier lorafit run (only lorafit's
             own files there are removed); without it such a folder is refused.
         max_grad_norm: gradient clipping (0 = off).
-        tensorboard: also write TensorBoard scalars to ``output_dir/tb``.
+        logging: experiment trackers (:class:`LoggingConfig`: ``logging.backends=[tensorboard,mlflow]``).
+        tensorboard: ``true`` is ``logging.backends=[tensorboard]`` (the key of earlier versions).
     """
 
     model: Any = None
@@ -198,6 +232,7 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     max_grad_norm: float = 1.0
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     tensorboard: bool = False
     progress: bool = True
 
@@ -209,6 +244,16 @@ class TrainConfig:
             check_range(key, getattr(self, key), 0)
         check_range("keep_checkpoints", self.keep_checkpoints, 1)
         check_range("max_grad_norm", self.max_grad_norm, 0)
+
+    def trackers(self) -> list[str]:
+        """The experiment trackers to start (``tensorboard=true`` counts as ``logging.backends``' tensorboard),
+        each checked to be installed."""
+        names = list(dict.fromkeys(self.logging.backends + (["tensorboard"] if self.tensorboard else [])))
+        for name in names:
+            if importlib.util.find_spec(TRACKERS[name]) is None:
+                raise ConfigError(f"logging.backends includes {name}, but the package '{TRACKERS[name]}' is not "
+                                  f"installed. Install it (pip install 'lorafit[{name}]') or drop {name}.")
+        return names
 
 
 @dataclass
@@ -222,6 +267,10 @@ class EvalConfig:
             ``data.tasks`` / every task folder under ``data.path`` (commonsense).
         protocol: commonsense only: ``loglik`` (causal LMs), ``generate`` (causal LMs),
             ``mc_head`` (encoders with a multiple-choice head), or ``auto`` (from the model).
+        prompt: commonsense causal-LM protocols: ``chat`` renders each question as a user turn with the
+            model's chat template (a chat- or instruct-trained run's, a merged folder's, an instruct
+            model's own); ``plain`` uses the task's prompt (loglik) or the alpaca prompt (generate);
+            ``auto``: ``chat`` if the tokenizer has a chat template, else ``plain``.
         limit: score only the first N examples of each file / split.
         max_new_tokens: ``protocol=generate``: greedy tokens generated per example.
         batch_size: examples per forward pass.
@@ -235,6 +284,7 @@ class EvalConfig:
     suite: str = "glue"
     tasks: Optional[list[str]] = None
     protocol: str = "auto"
+    prompt: str = "auto"
     output_dir: Optional[str] = None
     batch_size: int = 64
     limit: Optional[int] = None
@@ -245,6 +295,7 @@ class EvalConfig:
     def __post_init__(self) -> None:
         check_choice("suite", self.suite, ["glue", "commonsense"])
         check_choice("protocol", self.protocol, ["auto", "loglik", "generate", "mc_head"])
+        check_choice("prompt", self.prompt, ["auto", "chat", "plain"])
         if self.suite == "glue" and self.protocol != "auto":
             raise ConfigError(f"protocol={self.protocol} applies to suite=commonsense only; GLUE is scored with the "
                               f"model's classification head. Drop protocol= or add suite=commonsense.")
@@ -289,11 +340,19 @@ def _field_names(schema: type) -> list[str]:
     return [f.name for f in dataclasses.fields(schema)]
 
 
+def _untagged(data: Any) -> Any:
+    """``data`` without the ``_target_`` tags :func:`as_dict` writes (a nested dataclass's schema is its
+    field's type)."""
+    if isinstance(data, dict):
+        return {k: _untagged(v) for k, v in data.items() if k != "_target_"}
+    return data
+
+
 def to_object(node: DictConfig | dict, schema: type, key: str) -> Any:
     """Merge ``node`` into ``schema`` and build the dataclass, turning OmegaConf errors into ConfigError."""
     if not isinstance(node, DictConfig):
         node = OmegaConf.create(node)
-    values = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "_target_"}
+    values = _untagged(OmegaConf.to_container(node, resolve=True))
     label = f" ({schema.__name__})"
     for name in values:
         if name not in _field_names(schema):
@@ -353,6 +412,16 @@ def as_dict(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: as_dict(v) for k, v in obj.items()}
     return obj
+
+
+def flat_config(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested config data as ``{"a.b.c": value}``."""
+    if isinstance(data, dict):
+        out = {}
+        for key, value in data.items():
+            out.update(flat_config(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: data}
 
 
 def to_yaml(cfg: Any) -> str:

@@ -50,7 +50,17 @@ PROBE_TEXTS = [
 
 
 def probe_inputs(tokenizer) -> dict[str, torch.Tensor]:
-    return dict(tokenizer(PROBE_TEXTS, padding=True, return_tensors="pt"))
+    """The probe texts, plus a short conversation in the tokenizer's chat template if it has one (so the
+    rows of tokens a chat run added are checked too)."""
+    texts = list(PROBE_TEXTS)
+    if getattr(tokenizer, "chat_template", None):
+        from jinja2 import TemplateError
+        try:
+            texts.append(tokenizer.apply_chat_template([{"role": "user", "content": "Fold me."}, {"role": "assistant",
+                                                        "content": "Folded."}], tokenize=False))
+        except TemplateError:    # a template that wants other turns: the plain probes still check the fold
+            pass
+    return dict(tokenizer(texts, padding=True, return_tensors="pt"))
 
 
 def _auto_class(task: str):
@@ -77,7 +87,8 @@ def logit_tolerance(dtype: torch.dtype, folded_layers: int, floor: float = 1e-4)
 @torch.no_grad()
 def fold_checked(model: nn.Module, tolerance: float = 1e-4, tokens: int = 4) -> float:
     """Fold every adapter layer into its base weight in place, one layer at a time, checking each in fp32:
-    the layer's own forward on random inputs against ``x W'ᵀ + b``. Returns the largest relative error.
+    the layer's own forward on random inputs against ``x W'ᵀ + b`` (an embedding's rows ``W'[ids]``,
+    probing the last rows, where added tokens live). Returns the largest relative error.
 
     Raises:
         ConfigError: a layer whose folded weight does not reproduce its forward (a merge-formula bug).
@@ -86,14 +97,23 @@ def fold_checked(model: nn.Module, tolerance: float = 1e-4, tokens: int = 4) -> 
     worst = 0.0
     for name, layer in adapter_layers(model).items():
         base = layer.base
-        stored, stored_bias = base.weight.data, None if base.bias is None else base.bias.data
+        bias = getattr(base, "bias", None)
+        stored, stored_bias = base.weight.data, None if bias is None else bias.data
         base.weight.data = stored.float()                         # this one layer in fp32, transiently
         if stored_bias is not None:
             base.bias.data = stored_bias.float()
-        x = torch.randn(tokens, base.in_features, generator=gen).to(stored.device)
-        reference = layer(x).float()
-        merged = layer.merged_weight().float()
-        folded = F.linear(x, merged, None if base.bias is None else base.bias)
+        if isinstance(base, nn.Embedding):
+            rows = base.num_embeddings
+            x = torch.cat([torch.randint(rows, (tokens,), generator=gen), torch.arange(rows - tokens, rows)])
+            x = x.to(stored.device)
+            reference = layer(x).float()
+            merged = layer.merged_weight().float()
+            folded = F.embedding(x, merged)
+        else:
+            x = torch.randn(tokens, base.in_features, generator=gen).to(stored.device)
+            reference = layer(x).float()
+            merged = layer.merged_weight().float()
+            folded = F.linear(x, merged, None if bias is None else base.bias)
         error = float((folded - reference).abs().max()) / max(1.0, float(reference.abs().max()))
         worst = max(worst, error)
         if error > tolerance:
@@ -140,6 +160,7 @@ def merge(run_dir: str, out_dir: str, base_model: Optional[str] = None, toleranc
 def _merge_into(assembled, adapter_dir: Path, tmp: Path, out: Path, tolerance: float, max_shard_size: str) -> float:
     """Fold (checked per layer), write into ``tmp``, check the whole model, publish ``tmp`` as ``out``."""
     model, tokenizer, task = assembled.model.eval(), assembled.tokenizer, assembled.meta["task"]
+    n_layers = len(assembled.layers)
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     inputs = probe_inputs(tokenizer)
     if task == "multiple_choice":  # one question whose four choices are the probe texts
@@ -147,7 +168,7 @@ def _merge_into(assembled, adapter_dir: Path, tmp: Path, out: Path, tolerance: f
     adapted = model(**inputs).logits.float()
     layer_error = fold_checked(model, tolerance)
     folded = model(**inputs).logits.float()
-    bound = logit_tolerance(dtype, len(assembled.layers), tolerance) * max(1.0, float(adapted.abs().max()))
+    bound = logit_tolerance(dtype, n_layers, tolerance) * max(1.0, float(adapted.abs().max()))
     diff_memory = float((folded - adapted).abs().max())
 
     size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
@@ -171,7 +192,7 @@ def _merge_into(assembled, adapter_dir: Path, tmp: Path, out: Path, tolerance: f
               "max_abs_diff_in_memory": diff_memory, "max_abs_diff_reloaded": diff_plain, "tolerance": bound}
     fault_point("merge:written")
     publish(tmp, out, "merge", record)
-    console.print(f"merged {len(assembled.layers)} layers → {out} (plain transformers folder, "
+    console.print(f"merged {n_layers} layers → {out} (plain transformers folder, "
                   f"{str(dtype).removeprefix('torch.')}); self-check: per layer ≤ {layer_error:.1e} (fp32), "
-                  f"max |Δlogit| = {diff_plain:.2e} over {len(PROBE_TEXTS)} probe inputs")
+                  f"max |Δlogit| = {diff_plain:.2e} over {len(inputs['input_ids'])} probe inputs")
     return diff_plain

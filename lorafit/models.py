@@ -200,7 +200,10 @@ CHUNK_BYTES = 64 << 20
 
 
 def weight_files(source: str) -> list[Path]:
-    """The safetensors files of a local model folder or of a hub checkpoint already in the cache."""
+    """The safetensors files of a local model folder or of a hub checkpoint already in the cache (none for
+    ``source=""``: a model built from a config)."""
+    if not source:
+        return []
     folder = Path(source)
     if folder.is_dir():
         return sorted(folder.glob("*.safetensors"))

@@ -16,7 +16,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from lorafit.assemble import assemble
-from lorafit.config import ConfigError, TrainConfig, as_dict, to_yaml
+from lorafit.config import ConfigError, TrainConfig, as_dict, flat_config, to_yaml
 from lorafit.console import console
 from lorafit.data.batches import tokenize
 from lorafit.eval.report import print_results
@@ -45,7 +45,7 @@ def callbacks_of(*parts: Any) -> list:
 
 def train(cfg: TrainConfig) -> dict[str, dict]:
     """Assemble the model, tokenise the data once, run the trainer; returns final eval metrics."""
-    accelerator = cfg.hardware.accelerator()
+    accelerator = cfg.hardware.accelerator(cfg.trackers(), str(Path(cfg.output_dir) / "tb"))
     set_seed(cfg.seed)
     cfg.data.resolve(cfg.model)   # data=commonsense: a multiple-choice head or SFT, by the model
     cfg.task.prepare(cfg)         # the task checks that model, data and reward fit it
@@ -61,7 +61,7 @@ def train(cfg: TrainConfig) -> dict[str, dict]:
         accelerator.wait_for_everyone()
         model_cfg = dataclasses.replace(model_cfg, name_or_path=str(base_dir.resolve()), build=None, tokenizer=None)
     assembled = assemble(model_cfg, cfg.adapter, cfg.init, data.head, data.num_labels, seed=cfg.seed,
-                         device=accelerator.device)
+                         device=accelerator.device, data=data)
     if cfg.model.build is not None:
         if accelerator.is_main_process and not (base_dir / "config.json").is_file():
             write_built_base(cfg, base_dir)   # built again from its seed: the weights the adapter was attached to
@@ -99,7 +99,7 @@ def memory_line(cfg: TrainConfig, processes: int) -> str:
 # ---------------------------------------------------------------------------------- run folder
 # Keys that may change on resume without changing the maths of the remaining steps.
 RESUME_HARMLESS = ("output_dir", "resume", "overwrite", "eval_every", "eval_at_start", "save_every", "log_every",
-                   "keep_checkpoints", "progress", "tensorboard", "data.eval_batch_size", "data.max_eval_examples",
+                   "keep_checkpoints", "progress", "tensorboard", "logging.", "data.eval_batch_size", "data.max_eval_examples",
                    "model.name_or_path", "model.tokenizer")   # the base itself is checked by its fingerprint
 RESUME_NOTED = ("hardware.grad_accum_steps", "hardware.device")  # the same update up to round-off
 
@@ -146,15 +146,6 @@ def claim_run_dir(cfg: TrainConfig, accelerator: Accelerator) -> None:
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
 
 
-def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, dict):
-        out = {}
-        for key, value in data.items():
-            out.update(_flat(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: data}
-
-
 def _total_steps_matter(cfg: TrainConfig) -> bool:
     """Does anything in the run depend on the number of steps (a decaying lr, a warm-up ratio, or an
     adapter schedule that declares ``uses_total_steps``, AdaLoRA's budget)?"""
@@ -171,11 +162,11 @@ def check_resume(cfg: TrainConfig, run_dir: Path, found: Optional[Path]) -> None
     if not source.is_file():
         return
     try:
-        saved = _flat(OmegaConf.to_container(OmegaConf.load(source)))
+        saved = flat_config(OmegaConf.to_container(OmegaConf.load(source)))
     except Exception as exc:  # YAML errors have many types
         raise ConfigError(f"resume=true: {source} cannot be read ({' '.join(str(exc).split())[:200]}). "
                           f"Start a new run instead.") from None
-    now = _flat({k: v for k, v in as_dict(cfg).items() if k != "_target_"})
+    now = flat_config({k: v for k, v in as_dict(cfg).items() if k != "_target_"})
     differ = [k for k in sorted(saved.keys() & now.keys()) if saved[k] != now[k] and not k.startswith(RESUME_HARMLESS)]
     if not _total_steps_matter(cfg):
         differ = [k for k in differ if k not in ("max_steps", "num_epochs")]

@@ -77,8 +77,13 @@ def model_inputs(batch: Batch) -> Batch:
 
 
 def forward_logits(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """The model's logits for a batch; padded choices (``choice_mask`` False) get the lowest value."""
-    logits = model(**model_inputs(batch)).logits
+    """The model's logits for a batch; padded choices (``choice_mask`` False) get the lowest value.
+
+    A packed batch (``position_ids``, no attention mask) runs without a KV cache: only then does
+    transformers derive the block-diagonal mask from the restarting positions.
+    """
+    extra = {"use_cache": False} if "position_ids" in batch else {}
+    logits = model(**model_inputs(batch), **extra).logits
     mask = batch.get("choice_mask")
     if mask is not None:
         logits = logits.masked_fill(~mask.to(logits.device), torch.finfo(logits.dtype).min)

@@ -20,7 +20,8 @@ from lorafit.optim.basic import AdamWConfig, SGDConfig
 # Option files that need a value the YAML leaves to the user.
 REQUIRED_EXTRAS = {("data", "instruct"): ["data.path=some/train.jsonl"],
                    ("data", "commonsense"): ["data.path=some/dir"],
-                   ("data", "preference"): ["data.path=some/pairs.jsonl"]}
+                   ("data", "preference"): ["data.path=some/pairs.jsonl"],
+                   ("data", "chat"): ["data.path=some/chat.jsonl"]}
 
 OPTION_FILES = sorted((g, f.stem) for g in GROUPS for f in (CONFIG_DIR / g).glob("*.yaml"))
 

@@ -137,7 +137,7 @@ def test_init_identity(adapter: str, tiny_llama_cfg, alpaca: Path) -> None:
     from lorafit.adapters.dora import DoRAConfig
     from lorafit.adapters.lora import LoRAConfig
     from lorafit.assemble import assemble
-    from lorafit.data.options import InstructData
+    from lorafit.data.chat import InstructData
     from lorafit.inits.lora_ga import GradientInit, LoRAGAInit
 
     cls = DoRAConfig if adapter == "dora" else LoRAConfig
@@ -176,7 +176,7 @@ def test_init_gradient_is_the_mean_over_all_init_batches(tiny_llama_cfg, alpaca:
     from lorafit.adapters import adapters_disabled
     from lorafit.adapters.lora import LoRAConfig
     from lorafit.assemble import assemble
-    from lorafit.data.options import InstructData
+    from lorafit.data.chat import InstructData
     from lorafit.inits.lora_ga import GradientInit, LoRAGAInit
 
     n_batches, batch_size, seed = 3, 2, 0

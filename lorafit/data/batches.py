@@ -7,6 +7,7 @@ what the step's loss is normalised by (labelled tokens, or examples).
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -20,22 +21,54 @@ IGNORE_INDEX = -100
 
 
 def tokenize(data: Any, split: str, tokenizer: PreTrainedTokenizerBase, cache_dir: Optional[Path]):
-    """Tokenise a split once; the result is a ``datasets.Dataset`` cached under ``cache_dir``."""
+    """Tokenise a split once; the result is a ``datasets.Dataset`` cached under ``cache_dir``.
+
+    A cached split is read back without reading or tokenising its rows again (a resumed run).
+    Conversations (``data=chat`` / ``instruct``) are tokenised by ``datasets.map`` with
+    ``data.num_proc`` processes and a progress bar; ``data.overflow`` then drops or keeps the ones
+    that were cut, and the run says how many. Other rows are tokenised in Python (their fields can mix
+    types Arrow would coerce).
+    """
     import datasets
 
+    target = Path(cache_dir) / split if cache_dir is not None else None
+    if target is not None and (target / "dataset_info.json").is_file():
+        return datasets.load_from_disk(str(target)).with_format(None)
     rows = data.rows(split)
     if not rows:
         raise ConfigError(f"The {split} split of data={type(data).__name__} is empty.")
-    # Tokenise row by row in Python and hand the result to `datasets` for the on-disk cache:
-    # the rows themselves may hold mixed types (labels int or float) that Arrow would coerce.
-    encoded = [data.encode(row, tokenizer) for row in rows]
-    ds = datasets.Dataset.from_list(encoded)
-    if cache_dir is not None:
-        target = Path(cache_dir) / f"{split}"
-        if not target.exists():
-            ds.save_to_disk(str(target))
+    if hasattr(data, "keep"):                     # conversations: datasets.map, in parallel if asked
+        ds = _map_conversations(data, split, rows, tokenizer)
+    else:
+        ds = datasets.Dataset.from_list([data.encode(row, tokenizer) for row in rows])
+    if target is not None:                        # written next to its place, then renamed: never half a cache
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        ds.save_to_disk(str(tmp))
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
         ds = datasets.load_from_disk(str(target))
     return ds.with_format(None)
+
+
+def _map_conversations(data: Any, split: str, rows: list[dict], tokenizer: PreTrainedTokenizerBase):
+    import datasets
+
+    datasets.enable_progress_bars()
+    try:
+        ds = datasets.Dataset.from_list(rows).map(
+            lambda row: data.encode(row, tokenizer), remove_columns=list(rows[0]), num_proc=data.num_proc,
+            desc=f"tokenising {split}")
+    finally:
+        datasets.disable_progress_bars()
+    cut = sum(1 for n in ds["overflow"] if n)
+    data.report(split, cut, len(ds))
+    if data.overflow == "drop" and cut:
+        ds = ds.filter(lambda e: e["overflow"] == 0)
+        if len(ds) == 0:
+            raise ConfigError(f"Every {split} conversation is longer than data.max_length={data.max_length}, and "
+                              f"data.overflow=drop left none. Raise data.max_length or use data.overflow=truncate.")
+    return ds.remove_columns(["overflow"])
 
 
 def collate(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -56,6 +89,48 @@ def collate(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
         else:
             batch[key] = torch.tensor(values)
     return batch
+
+
+def pack(features: list[dict], max_length: int) -> list[list[dict]]:
+    """Group examples into rows of at most ``max_length`` tokens, first fit in the given order (so the
+    packing is a function of the step's examples alone)."""
+    rows: list[list[dict]] = []
+    room: list[int] = []
+    for feature in features:
+        n = len(feature["input_ids"])
+        fit = next((i for i, free in enumerate(room) if free >= n), None)
+        if fit is None:
+            rows.append([feature])
+            room.append(max_length - n)
+        else:
+            rows[fit].append(feature)
+            room[fit] -= n
+    return rows
+
+
+def collate_packed(rows: list[list[dict]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Packed rows as ``input_ids``, ``labels`` and ``position_ids`` (no attention mask).
+
+    Positions restart at 0 for every example; with no attention mask and no KV cache, transformers
+    builds the block-diagonal mask from them (the varlen kernels on flash attention), so no token
+    attends across examples. The first token of each example is unlabelled: what predicts it is the
+    previous example's last token, a term the unpacked loss never has (its label 0 is dropped by the
+    shift anyway). Padding is one more sequence of its own, unlabelled.
+    """
+    longest = max(sum(len(f["input_ids"]) for f in row) for row in rows)
+    ids, labels, positions = [], [], []
+    for row in rows:
+        row_ids, row_labels, row_positions = [], [], []
+        for feature in row:
+            n = len(feature["input_ids"])
+            row_ids += feature["input_ids"]
+            row_labels += [IGNORE_INDEX] + list(feature["labels"][1:])
+            row_positions += list(range(n))
+        pad = longest - len(row_ids)
+        ids.append(row_ids + [pad_token_id] * pad)
+        labels.append(row_labels + [IGNORE_INDEX] * pad)
+        positions.append(row_positions + list(range(pad)))
+    return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "position_ids": torch.tensor(positions)}
 
 
 def collate_choices(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -12,8 +12,9 @@ trainer, the tasks and ``lorafit eval`` use without knowing the dataset:
 - ``resolve(model_cfg)``: settle what depends on the model before anything loads (a no-op but for
   ``data=commonsense``, whose head follows the architecture).
 
-Options elsewhere: ``data=commonsense`` (:mod:`lorafit.data.commonsense`), ``data=preference``
-(:mod:`lorafit.rlhf.reward`). Tokenising and batching: :mod:`lorafit.data.batches`.
+Options elsewhere: ``data=chat`` and ``data=instruct`` (:mod:`lorafit.data.chat`), ``data=commonsense``
+(:mod:`lorafit.data.commonsense`), ``data=preference`` (:mod:`lorafit.rlhf.reward`). Tokenising and
+batching: :mod:`lorafit.data.batches`.
 """
 
 from __future__ import annotations
@@ -59,6 +60,10 @@ class DataCommon:
 
     def resolve(self, model: ModelConfig) -> None:
         """Settle what depends on the model (nothing, for most options)."""
+
+    def configure(self, tokenizer: PreTrainedTokenizerBase) -> list[str]:
+        """Prepare the tokenizer (a chat template, special tokens); the tokens added to its vocabulary."""
+        return []
 
     def limited(self, rows: list[dict], split: str) -> list[dict]:
         limit = self.max_train_examples if split == "train" else self.max_eval_examples
@@ -155,51 +160,6 @@ class SentimentDemoData(DataCommon):
 
     def metrics(self, predictions: list, labels: list) -> dict[str, float]:
         return {"accuracy": accuracy(predictions, labels)}
-
-
-@dataclass
-class InstructData(DataCommon):
-    """``data=instruct``: alpaca-style SFT (``instruction``, ``input``, ``output``) for causal LMs.
-
-    The prompt (alpaca template) is masked from the loss; only the response and EOS are learnt.
-
-    Attributes:
-        path: a JSON list or JSONL file.
-        eval_fraction: the last fraction of the file held out for evaluation (loss).
-    """
-
-    path: str = ""
-    eval_fraction: float = 0.05
-    max_length: int = 256
-
-    head = "causal_lm"
-    num_labels = 0
-
-    @property
-    def eval_splits(self) -> tuple[str, ...]:
-        return ("eval",) if self.eval_fraction > 0 else ()
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not self.path:
-            raise ConfigError("data=instruct needs data.path=FILE (an alpaca-style JSON or JSONL file with "
-                              "instruction, input and output fields).")
-        check_range("data.eval_fraction", self.eval_fraction, 0.0, 0.5)
-
-    def split_name(self, split: str) -> str:
-        return "instruct"
-
-    def rows(self, split: str) -> list[dict]:
-        rows = read_jsonl(Path(self.path), required=("instruction", "output"))
-        n_eval = int(round(len(rows) * self.eval_fraction))
-        rows = rows[: len(rows) - n_eval] if split == "train" else rows[len(rows) - n_eval:]
-        return self.limited(rows, split)
-
-    def encode(self, row: dict, tokenizer: PreTrainedTokenizerBase) -> dict:
-        return encode_sft(tokenizer, alpaca_prompt(row), str(row["output"]), self.max_length)
-
-    def metrics(self, predictions: list, labels: list) -> dict[str, float]:
-        return {}
 
 
 def alpaca_prompt(row: dict) -> str:

@@ -19,6 +19,12 @@ Each protocol is reported under its own name (``"protocol"`` in every task's res
 - ``mc_head`` (encoders): ``AutoModelForMultipleChoice`` over ``(context, continuation)`` pairs,
   argmax over the choices (``acc``).
 
+**Prompts** (``prompt=``, recorded in every task's results): ``plain`` is the above; ``chat`` renders
+the loglik context, or the generate instruction, as a user turn with the model's chat template and
+the generation prompt (what a chat-trained run learnt to answer; choices then follow without a
+leading space, and decoding stops at the template's end of turn); ``auto`` is ``chat`` when the
+tokenizer has a chat template (a ``data=chat`` / ``instruct`` run records its own), else ``plain``.
+
 The parsing of each task (question, choices, context, continuations) lives in
 :mod:`lorafit.data.commonsense`.
 """
@@ -40,6 +46,7 @@ from transformers import PreTrainedTokenizerBase
 from lorafit.adapters.io import find_adapter_dir
 from lorafit.config import ConfigError, EvalConfig
 from lorafit.console import console
+from lorafit.data.chat import ALPACA_TEMPLATE, end_of_turn_ids, instruction_turns, render
 from lorafit.data.commonsense import CommonsenseData, CommonsenseTask, get_commonsense_task
 from lorafit.data.options import alpaca_prompt
 from lorafit.eval.load import Scored, load_for_scoring, natural_head
@@ -81,19 +88,22 @@ def _any_special_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return 0
 
 
-def encode_loglik(row: dict, tokenizer: PreTrainedTokenizerBase, max_length: int) -> LoglikRequest:
+def encode_loglik(row: dict, tokenizer: PreTrainedTokenizerBase, max_length: int, chat: bool = False) -> LoglikRequest:
     """Token ids of the prompt and of each continuation of a parsed row.
 
     The continuation ids are the tail of ``tokenize(prompt + continuation)`` after the prompt's
     ids (so a tokenizer that merges across the boundary is handled as lm-evaluation-harness
     does); if the prompt's ids are not a prefix of it, the continuation is tokenised alone.
+    ``chat``: the prompt is the context as a user turn in the chat template, with the generation prompt.
     """
     task = get_commonsense_task(row["task"])
     context = task.template.format(context=row["context"])
+    if chat:
+        context = render(tokenizer, [{"role": "user", "content": context}], generation_prompt=True)
     context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
     continuations, chars = [], []
     for text in row["continuations"]:
-        cont = (" " if context else "") + text
+        cont = (" " if context and not chat else "") + text
         whole = tokenizer(context + cont, add_special_tokens=False)["input_ids"]
         ids = (whole[len(context_ids):] if whole[:len(context_ids)] == context_ids
                else tokenizer(cont, add_special_tokens=False)["input_ids"])
@@ -102,7 +112,7 @@ def encode_loglik(row: dict, tokenizer: PreTrainedTokenizerBase, max_length: int
                               f"{text!r} gives no tokens. Fix or drop the row.")
         continuations.append(ids)
         chars.append(len(cont))
-    prompt = _start_ids(tokenizer) + context_ids or [_any_special_id(tokenizer)]
+    prompt = ([] if chat else _start_ids(tokenizer)) + context_ids or [_any_special_id(tokenizer)]
     keep = max(1, max_length - max(len(c) for c in continuations))
     return LoglikRequest(prompt[-keep:], continuations, chars, int(row["label"]))
 
@@ -206,7 +216,8 @@ def choice_metrics(logliks: list[list[float]], lengths: list[list[int]], labels:
 def score_loglik(model: nn.Module, tokenizer: PreTrainedTokenizerBase, rows: list[dict], cfg: EvalConfig,
                  device: torch.device, advance: Optional[Advance] = None) -> tuple[dict, list[dict]]:
     """``loglik`` over parsed rows: metrics (``acc``, ``acc_norm``) and one prediction record per row."""
-    requests = [encode_loglik(row, tokenizer, cfg.data.max_length) for row in rows]
+    chat = uses_chat(tokenizer, cfg.prompt)
+    requests = [encode_loglik(row, tokenizer, cfg.data.max_length, chat) for row in rows]
     logliks: list[list[float]] = []
     for batch in loglik_batches(requests, cfg.batch_size):
         logliks += continuation_logprobs(model, batch, _pad_id(tokenizer), device)
@@ -227,27 +238,46 @@ def extract_answer(task: CommonsenseTask, text: str) -> Optional[str]:
 
 @torch.no_grad()
 def generate_texts(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_length: int,
-                   max_new_tokens: int, device: torch.device) -> list[str]:
-    """Greedy continuations of ``prompts`` (left-padded batch); only the new tokens, decoded."""
-    encoded = [(_start_ids(tokenizer) + tokenizer(p, add_special_tokens=False)["input_ids"])[-max_length:]
-               for p in prompts]
+                   max_new_tokens: int, device: torch.device, chat: bool = False) -> list[str]:
+    """Greedy continuations of ``prompts`` (left-padded batch); only the new tokens, decoded. ``chat``:
+    the prompts are rendered chat templates (no BOS added), and decoding stops at the end of turn."""
+    start = [] if chat else _start_ids(tokenizer)
+    encoded = [(start + tokenizer(p, add_special_tokens=False)["input_ids"])[-max_length:] for p in prompts]
     longest, pad = max(map(len, encoded)), _pad_id(tokenizer)
     ids = torch.tensor([[pad] * (longest - len(e)) + e for e in encoded], device=device)
     mask = torch.tensor([[0] * (longest - len(e)) + [1] * len(e) for e in encoded], device=device)
-    eos = tokenizer.eos_token_id
+    stop = end_of_turn_ids(tokenizer) if chat else [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                         num_beams=1, pad_token_id=pad, **({"eos_token_id": eos} if eos is not None else {}))
+                         num_beams=1, pad_token_id=pad, **({"eos_token_id": stop} if stop else {}))
     return tokenizer.batch_decode(out[:, longest:], skip_special_tokens=True)
+
+
+def uses_chat(tokenizer: PreTrainedTokenizerBase, prompt: str) -> bool:
+    """Whether questions are rendered with the chat template (``prompt=chat``, or ``auto`` and it has one)."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if prompt == "chat" and not has_template:
+        raise ConfigError("prompt=chat renders questions with the model's chat template, but its tokenizer has none. "
+                          "Use prompt=plain, or a run trained with data=chat / data=instruct.")
+    return prompt == "chat" or (prompt == "auto" and has_template)
+
+
+def generate_prompt(tokenizer: PreTrainedTokenizerBase, row: dict, chat: bool) -> str:
+    """The instruction as the alpaca prompt, or (``chat``) as a user turn in the chat template."""
+    if not chat:
+        return alpaca_prompt(row)
+    user = instruction_turns({**row, "output": ""}, tokenizer.chat_template == ALPACA_TEMPLATE)[0]
+    return render(tokenizer, [user], generation_prompt=True)
 
 
 def score_generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, rows: list[dict], cfg: EvalConfig,
                    device: torch.device, advance: Optional[Advance] = None) -> tuple[dict, list[dict]]:
     """``generate`` over parsed rows: ``acc`` (extracted answer == ``answer``) and ``no_answer``."""
     records = []
+    chat = uses_chat(tokenizer, cfg.prompt)
     for start in range(0, len(rows), cfg.batch_size):
         batch = rows[start:start + cfg.batch_size]
-        texts = generate_texts(model, tokenizer, [alpaca_prompt(r) for r in batch], cfg.data.max_length,
-                               cfg.max_new_tokens, device)
+        texts = generate_texts(model, tokenizer, [generate_prompt(tokenizer, r, chat) for r in batch],
+                               cfg.data.max_length, cfg.max_new_tokens, device, chat)
         for row, text in zip(batch, texts):
             answer = extract_answer(get_commonsense_task(row["task"]), text)
             records.append({"idx": row["idx"], "label": row["answer"], "prediction": answer, "output": text})
@@ -321,7 +351,9 @@ def evaluate_commonsense(path: str, cfg: EvalConfig) -> dict[str, dict]:
             bar = progress.add_task(f"{protocol} {task}", total=len(rows[task]))
             metrics, records = SCORERS[protocol](model, tokenizer, rows[task], cfg, accelerator.device,
                                                  lambda n, b=bar: progress.advance(b, n))
-            results[task] = {"protocol": protocol, **metrics, "n": len(rows[task])}
+            prompt = {} if protocol == "mc_head" else {"prompt": "chat_template" if uses_chat(tokenizer, cfg.prompt)
+                                                       else "task" if protocol == "loglik" else "alpaca"}
+            results[task] = {"protocol": protocol, **prompt, **metrics, "n": len(rows[task])}
             predictions[task] = records
     print_results(results, title=f"{path} [{kind}, {protocol}]")
 

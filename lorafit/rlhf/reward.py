@@ -1,8 +1,9 @@
 """Reward modelling with an adapter (PE-RLHF, arXiv 2403.10704, Sec. 3: the reward model is a
 LoRA-adapted backbone with a scalar head, trained on human preference pairs).
 
-- ``data=preference``: sharegpt-style preference JSON (``conversations``, ``chosen``, ``rejected``)
-  or a plain ``{prompt, chosen, rejected}`` JSONL. Each pair is encoded as a two-"choice" example
+- ``data=preference``: preference pairs whose conversation is in ``data=chat``'s forms (sharegpt
+  ``conversations``, OpenAI ``messages``) or a plain ``prompt``, from the same sources (JSON, JSONL,
+  Parquet, a ``save_to_disk`` folder, a hub id), rendered with the same templates. Each pair is encoded as a two-"choice" example
   (chosen first), so the existing collate pads it to ``(batch, 2, length)``.
 - The reward ``r(x, y)`` is the one-label sequence-classification head of the backbone
   (``AutoModelForSequenceClassification``, ``num_labels=1``). For decoders (Llama, Mistral, Qwen)
@@ -29,56 +30,40 @@ from lorafit.adapters.io import find_adapter_dir
 from lorafit.assemble import load_adapted
 from lorafit.callbacks import Callback
 from lorafit.data.batches import collate
+from lorafit.data.chat import TEMPLATES, configure_tokenizer, conversation, read_conversations, template_text, to_message
 from lorafit.data.options import DataCommon
-from lorafit.files import read_rows
-
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-         "system": "system", "observation": "user", "function_call": "assistant"}
 
 
 # ------------------------------------------------------------------------------------- data
-def _message(turn: Any, where: str) -> dict[str, str]:
-    """One sharegpt turn ``{from, value}`` (or ``{role, content}``) as ``{role, content}``."""
-    if isinstance(turn, dict) and "from" in turn and "value" in turn:
-        role, text = turn["from"], turn["value"]
-    elif isinstance(turn, dict) and "role" in turn and "content" in turn:
-        role, text = turn["role"], turn["content"]
-    else:
-        raise ConfigError(f"{where}: a turn must be {{\"from\": ..., \"value\": ...}} (sharegpt) or "
-                          f"{{\"role\": ..., \"content\": ...}}; got {str(turn)[:80]!r}. Fix that row of the file.")
-    if role not in ROLES:
-        raise ConfigError(f"{where}: unknown speaker {role!r}; allowed: {', '.join(ROLES)}. Fix that row of the file.")
-    return {"role": ROLES[role], "content": str(text)}
-
-
 def _response(value: Any, where: str) -> str:
-    return _message(value, where)["content"] if isinstance(value, dict) else str(value)
+    return to_message(value, where)["content"] if isinstance(value, dict) else str(value)
 
 
-def read_preferences(path: Path) -> list[dict]:
+def read_preferences(path: str | Path, split: str = "train", subset: Optional[str] = None) -> list[dict]:
     """Read preference pairs as ``{"messages": [{role, content}...], "chosen": str, "rejected": str}``.
 
-    Accepts a JSON list or JSONL of either sharegpt rows (``conversations`` + ``chosen`` /
-    ``rejected`` turns) or plain rows (``prompt`` + ``chosen`` / ``rejected`` strings).
+    The rows come from what ``data=chat`` reads (JSON, JSONL, Parquet, a ``save_to_disk`` folder, a hub
+    id), and the conversation is in either of its forms — OpenAI ``messages`` or sharegpt
+    ``conversations`` (with a ``system`` column) — or a plain ``prompt`` string; ``chosen`` and
+    ``rejected`` are strings or single turns.
     """
-    if not path.is_file():
-        raise ConfigError(f"Preference file {path} does not exist. Point data.path at a sharegpt-style JSON "
-                          f"(conversations, chosen, rejected) or a JSONL of {{prompt, chosen, rejected}}.")
-    rows = read_rows(path, what="Preference file")
+    if Path(path).suffix in (".json", ".jsonl", ".parquet") and not Path(path).is_file():
+        raise ConfigError(f"Preference file {path} does not exist. Point data.path at preference pairs: a "
+                          f"sharegpt-style JSON (conversations, chosen, rejected), OpenAI messages, or a JSONL of "
+                          f"{{prompt, chosen, rejected}}.")
+    rows = read_conversations(str(path), split, subset)
     pairs = []
     for i, row in enumerate(rows):
         where = f"Preference file {path}, row {i}"
         if not isinstance(row, dict) or "chosen" not in row or "rejected" not in row:
-            raise ConfigError(f"{where}: needs 'chosen' and 'rejected' plus 'conversations' (sharegpt) or "
+            raise ConfigError(f"{where}: needs 'chosen' and 'rejected' plus 'conversations' (sharegpt), 'messages' or "
                               f"'prompt' (plain JSONL). Fix or drop that row.")
-        if "conversations" in row:
-            messages = [_message(turn, where) for turn in row["conversations"]]
-        elif "prompt" in row:
+        if "prompt" in row and "conversations" not in row and "messages" not in row:
             messages = [{"role": "user", "content": str(row["prompt"])}]
+        elif "conversations" in row or "messages" in row:
+            messages = conversation(row, where)
         else:
-            raise ConfigError(f"{where}: has neither 'conversations' (sharegpt) nor 'prompt'. Add one of them.")
-        if not messages:
-            raise ConfigError(f"{where}: the conversation is empty; a pair needs a prompt. Fix or drop that row.")
+            raise ConfigError(f"{where}: has neither 'conversations' (sharegpt), 'messages' nor 'prompt'. Add one.")
         pairs.append({"messages": messages, "chosen": _response(row["chosen"], where),
                       "rejected": _response(row["rejected"], where)})
     if not pairs:
@@ -164,12 +149,20 @@ class PreferenceData(DataCommon):
     """``data=preference``: preference pairs for ``task=reward``.
 
     Attributes:
-        path: sharegpt-style JSON (``conversations``, ``chosen``, ``rejected``) or JSONL of
-            ``{prompt, chosen, rejected}``.
+        path: preference pairs (see :func:`read_preferences`): a file, a ``save_to_disk`` folder or a hub id.
+        split / subset: which split (and configuration) of a hub dataset.
+        template / chat_template / add_special_tokens: as for ``data=chat``: the conversation is rendered
+            with the tokenizer's own chat template, the one named or given here, or (a tokenizer with
+            none and none chosen) as ``User: ...`` / ``Assistant: ...`` lines.
         eval_fraction: the last fraction of the file is held out (pairwise accuracy, margin).
     """
 
     path: str = ""
+    split: str = "train"
+    subset: Optional[str] = None
+    template: Optional[str] = None
+    chat_template: Optional[str] = None
+    add_special_tokens: bool = True
     eval_fraction: float = 0.1
     batch_size: int = 8
     eval_batch_size: int = 16
@@ -184,6 +177,9 @@ class PreferenceData(DataCommon):
             raise ConfigError("data=preference needs data.path=FILE (sharegpt-style preference JSON with "
                               "conversations/chosen/rejected, or a JSONL of {prompt, chosen, rejected}).")
         check_range("data.eval_fraction", self.eval_fraction, 0.0, 0.5)
+        if self.template is not None and self.template not in TEMPLATES:
+            raise ConfigError(f"data.template={self.template!r} is not a built-in template ({', '.join(TEMPLATES)}); "
+                              f"give your own Jinja template with data.chat_template=FILE.")
 
     @property
     def eval_splits(self) -> tuple[str, ...]:
@@ -192,8 +188,14 @@ class PreferenceData(DataCommon):
     def split_name(self, split: str) -> str:
         return "preference"
 
+    def configure(self, tokenizer: PreTrainedTokenizerBase) -> list[str]:
+        """A template chosen here is set (and its missing tokens added); else the tokenizer's own is kept."""
+        if not (self.template or self.chat_template):
+            return []
+        return configure_tokenizer(tokenizer, template_text(self.template, self.chat_template), self.add_special_tokens)
+
     def rows(self, split: str) -> list[dict]:
-        rows = read_preferences(Path(self.path))
+        rows = read_preferences(self.path, self.split, self.subset)
         n_eval = int(round(len(rows) * self.eval_fraction))
         rows = rows[: len(rows) - n_eval] if split == "train" else rows[len(rows) - n_eval:]
         return self.limited(rows, split)

@@ -4,10 +4,11 @@ The policy ``π`` is the backbone + adapter; the reference ``π_ref`` is the *sa
 with every adapter switched off (:func:`lorafit.adapters.adapters_disabled`), so the anchor costs
 one extra no-grad forward and no second copy of the weights.
 
-One optimizer step, per micro-batch of prompts (``data=instruct``: the prompt part of each row):
+One optimizer step, per micro-batch of prompts (``data=instruct``: the prompt part of each row;
+``data=chat``: each conversation up to its final assistant turn, in the run's chat template):
 
 1. sample ``k = task.samples_per_prompt`` completions per prompt (temperature, top-p, at most
-   ``max_new_tokens``; a completion ends at EOS, which it keeps);
+   ``max_new_tokens``; a completion ends at EOS or the template's end-of-turn token, which it keeps);
 2. per-token log-probs under ``π`` (with gradient) and ``π_ref`` (adapters off, no gradient);
 3. reward ``r`` from the reward model (``reward.run``) or a function (``reward.function``);
    the shaped return is ``R = r - β · KL`` with the **k1** estimator
@@ -38,6 +39,7 @@ from torch import nn
 from lorafit.adapters import adapters_disabled
 from lorafit.config import ConfigError, check_choice, check_range
 from lorafit.data.batches import IGNORE_INDEX
+from lorafit.data.chat import end_of_turn_ids
 from lorafit.callbacks import Callback
 from lorafit.rlhf.reward import encode_responses, load_reward_model, score_ids
 from lorafit.task import evaluate_head
@@ -95,22 +97,28 @@ def ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.
     return per_seq, clipped
 
 
-def completion_mask(completions: torch.Tensor, eos_id: Optional[int]) -> torch.Tensor:
-    """1 for completion tokens up to and including the first EOS, 0 after it."""
-    if eos_id is None:
+def completion_mask(completions: torch.Tensor, stop: int | list[int]) -> torch.Tensor:
+    """1 for completion tokens up to and including the first stop token (EOS, end of turn), 0 after it."""
+    stop = [stop] if isinstance(stop, int) else stop
+    if not stop:
         return torch.ones_like(completions, dtype=torch.float32)
-    is_eos = (completions == eos_id).long()
+    is_eos = torch.isin(completions, torch.tensor(stop, device=completions.device)).long()
     after = (is_eos.cumsum(-1) - is_eos) > 0
     return (~after).float()
 
 
 # ------------------------------------------------------------------------------------- sampling
 def prompts_of(batch: dict[str, torch.Tensor]) -> list[list[int]]:
-    """The prompt token ids of each SFT row: the real tokens whose label is masked (-100)."""
+    """The prompt token ids of each SFT or chat row: its real tokens before the last learnt span (an
+    instruction's prompt; a conversation up to its final assistant turn, generation prompt included)."""
     prompts = []
     for ids, mask, labels in zip(batch["input_ids"], batch["attention_mask"], batch["labels"]):
-        keep = (mask == 1) & (labels == IGNORE_INDEX)
-        prompts.append(ids[keep].tolist())
+        learnt = (labels != IGNORE_INDEX).tolist()
+        start = max((i for i, on in enumerate(learnt) if on), default=len(ids))
+        while start > 0 and learnt[start - 1]:
+            start -= 1
+        keep = mask[:start] == 1
+        prompts.append(ids[:start][keep].tolist())
     return prompts
 
 
@@ -144,7 +152,7 @@ def sample(model: nn.Module, tokenizer: Any, prompts: list[list[int]], k: int, m
     device = next(model.parameters()).device
     repeated = [p for p in prompts for _ in range(k)]
     ids, mask = left_pad(repeated, tokenizer.pad_token_id, device)
-    eos_id = eos_token_id(tokenizer)
+    eos_id = stop_ids(tokenizer)
     was_training = model.training
     model.eval()
     out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature, top_p=top_p,
@@ -160,9 +168,15 @@ def sample(model: nn.Module, tokenizer: Any, prompts: list[list[int]], k: int, m
                    completions=tokenizer.batch_decode(kept, skip_special_tokens=True), completion_ids=kept)
 
 
-def eos_token_id(tokenizer: Any) -> Optional[int]:
-    """The id that ends a completion: EOS, else SEP (BERT-style tokenizers)."""
-    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+def stop_ids(tokenizer: Any) -> list[int]:
+    """The ids that end a completion: the chat template's end of turn (and EOS), else EOS, else SEP
+    (BERT-style tokenizers)."""
+    if getattr(tokenizer, "chat_template", None):
+        found = end_of_turn_ids(tokenizer)
+        if found:
+            return found
+    single = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    return [] if single is None else [single]
 
 
 # ------------------------------------------------------------------------------------- rewards
@@ -272,7 +286,10 @@ class RLTask:
         """Check model, data and reward fit RL; the reward source is loaded at the first step."""
         if cfg.data.head != "causal_lm":
             raise ConfigError(f"task=rl samples completions from a causal LM, so it needs prompts from data=instruct "
-                              f"(data.path=FILE); data={type(cfg.data).__name__} was chosen.")
+                              f"or data=chat (data.path=FILE); data={type(cfg.data).__name__} was chosen.")
+        if getattr(cfg.data, "packing", False):
+            raise ConfigError("task=rl samples completions for each prompt on its own, so data.packing=true does not "
+                              "apply to it. Set data.packing=false.")
         if not (self.reward.run or self.reward.function):
             raise ConfigError("task=rl needs a reward: reward.run=RM_RUN (a `lorafit train task=reward` run) or "
                               "reward.function=package.module:function (e.g. lorafit.rlhf.toy:token_range_fraction).")

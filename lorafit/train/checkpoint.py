@@ -25,7 +25,7 @@ STEP_DIR = re.compile(r"^step-(\d+)$")
 
 RUN_MARKER = "lorafit_train.json"
 RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "results.json", "adapter", "checkpoints", "cache", "base", "tb",
-               "error.log", RUN_MARKER)
+               "mlflow.db", "mlflow", "wandb", "error.log", RUN_MARKER)
 """What ``lorafit train`` writes into a run folder; ``overwrite=true`` removes these and nothing else."""
 
 

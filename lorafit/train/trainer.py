@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import shutil
 import signal
 import threading
@@ -51,9 +52,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from lorafit.adapters import load_adapter_state, trainable_parameters
 from lorafit.adapters.io import ADAPTER_CONFIG, Assembled, read_adapter_weights, save_adapter
 from lorafit.callbacks import Callback
-from lorafit.config import ConfigError, TrainConfig, to_yaml
+from lorafit.config import ConfigError, TrainConfig, as_dict, flat_config, to_yaml
 from lorafit.console import console
-from lorafit.data.batches import collate
+from lorafit.data.batches import collate, collate_packed, pack
 from lorafit.files import fault_point, load_state, read_json
 from lorafit.models import enable_gradient_checkpointing
 from lorafit.train.checkpoint import (checkpoint_dir, latest_checkpoint, prune_checkpoints, rng_state,
@@ -169,7 +170,7 @@ class Trainer:
         else:
             self.model, self.optimizer = accelerator.prepare(assembled.model, optimizer)
         self._epoch_order: tuple[int, torch.Tensor] = (-1, torch.empty(0))
-        self._writer = None
+        self._tracking = False
         self._last_eval: dict[str, dict] = {}
 
     # ----------------------------------------------------------------- data order
@@ -184,9 +185,14 @@ class Trainer:
         chosen = self._epoch_order[1][k * batch:(k + 1) * batch]
         mine = chosen[self.accelerator.process_index * share:(self.accelerator.process_index + 1) * share].tolist()
         device = self.accelerator.device
-        return [{key: v.to(device) for key, v in collate(list(self.train_set.select(mine[i:i + self.micro_batch])),
-                                                           self.pad_id).items()}
-                for i in range(0, share, self.micro_batch)]
+        if getattr(self.cfg.data, "packing", False):   # the same examples, in rows of max_length tokens
+            rows = pack(list(self.train_set.select(mine)), self.cfg.data.max_length)
+            batches = [collate_packed(rows[i:i + self.micro_batch], self.pad_id)
+                       for i in range(0, len(rows), self.micro_batch)]
+        else:
+            batches = [collate(list(self.train_set.select(mine[i:i + self.micro_batch])), self.pad_id)
+                       for i in range(0, share, self.micro_batch)]
+        return [{key: v.to(device) for key, v in batch.items()} for batch in batches]
 
     # ----------------------------------------------------------------- one step
     def train_step(self, micro_batches: list[Batch]) -> dict[str, float]:
@@ -245,9 +251,26 @@ class Trainer:
         return self.scheduler.get_last_lr()[0] if self.scheduler is not None else 0.0
 
     # ----------------------------------------------------------------- the loop
+    def start_tracking(self) -> None:
+        """Start the experiment trackers of ``logging.backends`` (accelerate's), with the run's config;
+        MLflow, unless ``MLFLOW_TRACKING_URI`` says otherwise, keeps its store in ``RUN/mlflow.db``."""
+        settings = self.cfg.logging
+        if not self.accelerator.log_with:
+            return
+        if "mlflow" in self.cfg.trackers() and "MLFLOW_TRACKING_URI" not in os.environ and self.accelerator.is_main_process:
+            import mlflow
+            mlflow.set_tracking_uri(f"sqlite:///{(self.run_dir / 'mlflow.db').resolve()}")
+        name = settings.run_name or self.run_dir.resolve().name
+        flat = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in flat_config(as_dict(self.cfg)).items()}
+        self.accelerator.init_trackers(settings.project, config=flat, init_kwargs={
+            "mlflow": {"run_name": name, "logging_dir": str((self.run_dir / "mlflow").resolve())},
+            "wandb": {"name": name, "dir": str(self.run_dir.resolve())}})
+        self._tracking = True
+
     def fit(self) -> dict[str, dict]:
         """Train to ``total_steps`` (resuming if asked), evaluate, save ``RUN/adapter``."""
         self.maybe_resume()
+        self.start_tracking()
         for cb in self.callbacks:
             cb.on_train_start(self)
         cfg, acc = self.cfg, self.accelerator
@@ -348,14 +371,12 @@ class Trainer:
         record = {k: v for k, v in record.items() if v is not None}
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.cfg.tensorboard:
-            if self._writer is None:
-                from torch.utils.tensorboard import SummaryWriter
-                self._writer = SummaryWriter(str(self.run_dir / "tb"))
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key not in ("step",):
-                    tag = f"{record['split']}/{key}" if "split" in record else f"train/{key}"
-                    self._writer.add_scalar(tag, value, record["step"])
+        if self._tracking:
+            split = record.get("split")
+            self.accelerator.log({f"{split or 'train'}/{key.removeprefix('eval/')}": value
+                                  for key, value in record.items()
+                                  if isinstance(value, (int, float)) and key not in ("step", "split")},
+                                 step=record["step"])
         if "split" in record:
             shown = ", ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in record.items()
                               if k.startswith("eval/") and k != "eval/n")
@@ -370,8 +391,8 @@ class Trainer:
             save_adapter(self.run_dir / "adapter", self.unwrapped(), self.assembled.meta)
             if self._last_eval:
                 (self.run_dir / "results.json").write_text(json.dumps(self._last_eval, indent=2))
-        if self._writer is not None:
-            self._writer.close()
+        if self._tracking:
+            self.accelerator.end_training()
         self.accelerator.wait_for_everyone()
 
     def save_checkpoint(self) -> Path:
