@@ -66,8 +66,10 @@ def head_loss(logits: torch.Tensor, labels: torch.Tensor, head: str) -> torch.Te
         return F.cross_entropy(logits.float(), labels, reduction="sum")
     if head == "regression":
         return F.mse_loss(logits.float().squeeze(-1), labels.float(), reduction="sum")
-    shifted = logits[:, :-1].float()
-    return F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), labels[:, 1:].reshape(-1),
+    # position t predicts label t+1: shift the labels (one ignored label appended), not the logits,
+    # whose (batch × length × vocab) copy would cost as much memory traffic as the output layer
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
 
 

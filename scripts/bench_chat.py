@@ -186,7 +186,7 @@ def measure(tool: str, steps: int, out: Path) -> dict:
     result.unlink(missing_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--child", tool, "--steps", str(steps), "--out", str(out),
+    proc = subprocess.run([sys.executable, __file__, "--child", tool, "--steps", str(steps), str(steps), "--out", str(out),
                            "--result", str(result)], env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:

@@ -322,7 +322,7 @@ class ChatData(DataCommon):
     def report(self, split: str, cut: int, total: int) -> None:
         if cut:
             action = "truncated to" if self.overflow == "truncate" else "dropped: longer than"
-            console.print(f"data=chat: {cut} of {total} {split} conversations {action} data.max_length={self.max_length}")
+            console.print(f"data={self.split_name(split)}: {cut} of {total} {split} conversations {action} data.max_length={self.max_length}")
 
     def metrics(self, predictions: list, labels: list) -> dict[str, float]:
         return {}
