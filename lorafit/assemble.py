@@ -18,6 +18,7 @@ from lorafit import __version__
 from lorafit.adapters import attach, find_targets, load_adapter_state
 from lorafit.config import ConfigError, ModelConfig, schema_of, as_dict, to_object
 from lorafit.adapters.io import Assembled, read_adapter_config, read_adapter_weights
+from lorafit.adapters.peft_import import start_from_peft
 from lorafit.adapters.tokens import add_token_rows
 from lorafit.models import (DTYPES, base_fingerprint, default_targets, head_module_names, load_model,
                             load_tokenizer, resolve_dtype)
@@ -53,7 +54,13 @@ def assemble(model_cfg: ModelConfig, adapter_cfg: Any, init_cfg: Any, head: str,
     base_fp = _fingerprint(model, all_heads, "" if model_cfg.build is not None else model_cfg.name_or_path, dtype)
     torch.manual_seed(seed)  # adapter factors start the same on every process and every resume
     layers = attach(model, adapter_cfg, targets)
-    if init_cfg is not None:
+    if getattr(adapter_cfg, "from_pretrained", None):
+        if getattr(init_cfg, "rewrites_base", False):
+            raise ConfigError(f"init={type(init_cfg).__name__} rewrites W0, and adapter.from_pretrained="
+                              f"{adapter_cfg.from_pretrained} holds factors trained on the original W0. Drop the init "
+                              f"(the folder's factors replace it).")
+        start_from_peft(model, adapter_cfg.from_pretrained, adapter_cfg, targets)
+    elif init_cfg is not None:
         try:
             init_cfg.apply(layers)
         except ValueError as exc:
@@ -85,7 +92,8 @@ def load_adapted(adapter_dir: str | os.PathLike, base_model: Optional[str] = Non
     """Rebuild base + adapter from a saved adapter folder (``RUN/adapter`` or a checkpoint).
 
     Args:
-        adapter_dir: folder holding ``adapter_config.json`` and ``adapter_model.safetensors``.
+        adapter_dir: a lorafit adapter folder (``lorafit_adapter.json``, ``lorafit_adapter.safetensors``; or
+            an earlier version's names), or a PEFT adapter folder (see :mod:`lorafit.adapters.peft_import`).
         base_model: the base model folder or hub id; defaults to the one recorded at training.
         quantization: override ``model.quantization`` (``none``: a QLoRA adapter on its full-precision
             base, as ``lorafit merge`` loads it).
@@ -108,14 +116,18 @@ def load_adapted(adapter_dir: str | os.PathLike, base_model: Optional[str] = Non
         model_cfg.dtype = dtype
     elif trained_dtype is not None:
         model_cfg.dtype = meta["dtype"]
-    adapter_node = OmegaConf.create(meta["adapter"])
+    options = dict(meta["adapter"])
+    if "rank_pattern" in options:            # AdaLoRA's masks, under their name until 0.1
+        options["kept_triplets"] = options.pop("rank_pattern")
+    adapter_node = OmegaConf.create(options)
     adapter_cfg = to_object(adapter_node, schema_of(adapter_node, "adapter"), "adapter")
     tokenizer = load_tokenizer(model_cfg)
     model = load_model(model_cfg, meta["task"], meta["num_labels"], tokenizer=tokenizer, device=device)
     added = replay_tokenizer(tokenizer, meta)
     heads = head_module_names(model)
-    found = _fingerprint(model, heads, model_cfg.name_or_path, trained_dtype or resolve_dtype(model_cfg, model.config))
-    if found != meta["base_fingerprint"]:
+    found = meta["base_fingerprint"] and _fingerprint(model, heads, model_cfg.name_or_path,
+                                                      trained_dtype or resolve_dtype(model_cfg, model.config))
+    if found != meta["base_fingerprint"]:     # a PEFT folder records none: its base is trusted, as PEFT does
         raise ConfigError(
             f"The base model '{model_cfg.name_or_path}' is not the one this adapter was trained on "
             f"(weights fingerprint {found}, expected {meta['base_fingerprint']}). Merging or evaluating it "

@@ -1,4 +1,4 @@
-"""``lorafit train | estimate | merge | eval | chat | report``: the command line.
+"""``lorafit train | estimate | merge | export | eval | chat | report``: the command line.
 
 ``lorafit train [--recipe FILE] [overrides]`` composes ``configs/train.yaml`` with Hydra, applies a
 recipe (a diff-only Hydra file, see ``recipes/``) and the overrides, validates everything against
@@ -240,6 +240,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from lorafit.export import export
+
+    export(args.run_dir, args.out_dir, args.format, approx=args.approx, max_rank=args.max_rank,
+           base_model=args.base_model, overwrite=args.overwrite)
+    return 0
+
+
 def eval_overrides(overrides: Sequence[str]) -> list[str]:
     """``suite=commonsense`` without a ``data=`` choice also chooses ``data=commonsense``."""
     overrides = list(overrides)
@@ -296,6 +304,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the merged model (default: the run's model.dtype, e.g. bf16 for a bf16 base)")
     p.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard, e.g. 2GB or 500MB (default 2GB)")
     p.set_defaults(func=cmd_merge)
+    p = sub.add_parser("export", help="write RUN's adapter as a PEFT adapter folder (for PEFT, vLLM, SGLang, TGI)")
+    p.add_argument("run_dir", help="a training run folder (or its adapter/ or a checkpoint)")
+    p.add_argument("out_dir", help="where to write the PEFT adapter folder")
+    p.add_argument("--format", choices=["peft", "servable"], default="peft",
+                   help="peft: exact, what PeftModel.from_pretrained loads (default); servable: a plain LoRA of one "
+                        "rank that vLLM/SGLang/TGI load (causal LMs)")
+    p.add_argument("--approx", action="store_true",
+                   help="where a layer has no exact form, write the truncated SVD of its ΔW (errors are recorded)")
+    p.add_argument("--max-rank", type=int, help="cap every layer's rank (needs --approx where the exact rank is higher)")
+    p.add_argument("--base-model", help="the base model (default: the one recorded at training)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier `lorafit export` output in OUT")
+    p.set_defaults(func=cmd_export)
     p = sub.add_parser("eval", help="score a base model folder, a run folder or a merged folder")
     p.add_argument("model", help="a Hugging Face model folder, a run folder or a merged folder")
     p.add_argument("overrides", nargs="*",

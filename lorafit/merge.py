@@ -149,8 +149,9 @@ def merge(run_dir: str, out_dir: str, base_model: Optional[str] = None, toleranc
     """
     adapter_dir = find_adapter_dir(run_dir)
     if adapter_dir is None:
-        raise ConfigError(f"No adapter found in '{run_dir}' (looked for adapter_config.json there and in "
-                          f"{run_dir}/adapter). Give a finished training run, its adapter/ or a checkpoint.")
+        raise ConfigError(f"No adapter found in '{run_dir}' (looked for lorafit_adapter.json or a PEFT "
+                          f"adapter_config.json there and in {run_dir}/adapter). Give a finished training run, its "
+                          f"adapter/, a checkpoint or a PEFT adapter folder.")
     out = Path(out_dir)
     with new_output(out, "merge", overwrite, "--overwrite", protected=[adapter_dir, run_folder(adapter_dir)]) as tmp:
         assembled = load_adapted(adapter_dir, base_model, quantization="none", dtype=dtype)

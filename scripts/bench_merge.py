@@ -117,7 +117,7 @@ def main() -> None:
 
     # 2. the merge's peak memory, in a fresh process
     run = args.out / "run"
-    if not (run / "adapter" / "adapter_config.json").is_file():
+    if not (run / "adapter" / "lorafit_adapter.json").is_file():
         subprocess.run([sys.executable, __file__, "--write-run", "--model", args.model, "--dtype", args.dtype,
                         "--out", str(args.out)], check=True, env=env)
     info = json.loads((args.out / "run_info.json").read_text())

@@ -279,7 +279,7 @@ def step_rule_values(case: str, out_dir: Path) -> dict[str, Any]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     rows = [r for r in rows if "split" not in r]
     assert [r["step"] for r in rows] == [1, 2, 3, 4], [r.get("step") for r in rows]
-    state = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    state = load_file(str(run / "adapter" / "lorafit_adapter.safetensors"))
     return {
         "overrides": list(STEP_RULE_CASES[case]),
         "config": config_values(load_run_config(run).optimizer),

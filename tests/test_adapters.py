@@ -341,7 +341,7 @@ def test_lorafit_merge_matches_the_unmerged_model(name: str, tmp_path: Path, run
     result = run_cli("merge", str(run), str(merged))
     assert result.code == 0, result.text
     adapted = load_adapted(run / "adapter")
-    state = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    state = load_file(str(run / "adapter" / "lorafit_adapter.safetensors"))
     check_phase(name, state, adapted.meta)
     plain = AutoModelForSequenceClassification.from_pretrained(merged).eval()
     ids = probe_ids()
@@ -359,7 +359,7 @@ def check_phase(name: str, state: dict[str, torch.Tensor], meta: dict) -> None:
         assert all(v.abs().max() > 0 for k, v in state.items() if k.endswith("dash_U"))
         assert any(v.abs().max() > 0 for k, v in state.items() if k.endswith("dash_d"))
     if name == "adalora":
-        pattern = meta["adapter"]["rank_pattern"]
+        pattern = meta["adapter"]["kept_triplets"]
         assert pattern and sum(map(sum, pattern.values())) == 3 * len(pattern)   # target_r × layers
         for layer, keep in pattern.items():
             assert state[f"{layer}.rank_mask"].tolist() == keep
@@ -399,7 +399,7 @@ def test_resume_mid_schedule_equals_the_uninterrupted_run(name: str, tmp_path: P
     args = (*RESUME, *cli_options(name), *extra)
     full = tmp_path / "full"
     assert (r := run_cli("train", f"output_dir={full}", *args)).code == 0, r.text
-    expected = load_file(str(full / "adapter" / "adapter_model.safetensors"))
+    expected = load_file(str(full / "adapter" / "lorafit_adapter.safetensors"))
     for step in resume_steps:
         out = tmp_path / f"from_{step}"
         ckpt = f"step-{step:06d}"
@@ -407,19 +407,19 @@ def test_resume_mid_schedule_equals_the_uninterrupted_run(name: str, tmp_path: P
         shutil.copytree(full / "checkpoints" / ckpt, out / "checkpoints" / ckpt)
         assert_mid_schedule(name, full / "checkpoints" / ckpt, step)
         assert (r := run_cli("train", f"output_dir={out}", *args, "resume=true")).code == 0, r.text
-        got = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+        got = load_file(str(out / "adapter" / "lorafit_adapter.safetensors"))
         assert got.keys() == expected.keys()
         assert max(max_diff(got[k].double(), expected[k].double()) for k in got) <= 1e-6, f"from {ckpt}"
-        meta = json.loads((out / "adapter" / "adapter_config.json").read_text())
-        assert meta["adapter"] == json.loads((full / "adapter" / "adapter_config.json").read_text())["adapter"]
+        meta = json.loads((out / "adapter" / "lorafit_adapter.json").read_text())
+        assert meta["adapter"] == json.loads((full / "adapter" / "lorafit_adapter.json").read_text())["adapter"]
 
 
 def assert_mid_schedule(name: str, checkpoint: Path, step: int) -> None:
     """The checkpoint really is inside the schedule, so resuming from it exercises the saved state."""
     callback = torch.load(checkpoint / "trainer_state.pt", weights_only=True)["callbacks"][0]
-    adapter = load_file(str(checkpoint / "adapter" / "adapter_model.safetensors"))
+    adapter = load_file(str(checkpoint / "adapter" / "lorafit_adapter.safetensors"))
     if name == "adalora":
-        assert callback["rank_pattern"]                       # budget shrinking (2) or final mask frozen (4)
+        assert callback["kept_triplets"]                       # budget shrinking (2) or final mask frozen (4)
         assert (callback["final_mask"] is None and callback["smoothed"]) if step < 4 else callback["final_mask"]
     if name == "rosa":
         assert callback["fisher"] and all(v.item() == 0 for k, v in adapter.items() if k.endswith("sparse_on"))

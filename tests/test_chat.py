@@ -327,7 +327,7 @@ def test_added_token_rows_train_save_load_and_merge(make_tiny_llama_cfg, tmp_pat
     assert not torch.allclose(after, before)
     assert torch.allclose(after[..., :30522], model(ids).logits[..., :30522])
     save_adapter(tmp_path / "adapter", model, assembled.meta)
-    assert {k for k in load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")) if "token_rows" in k} == {
+    assert {k for k in load_file(str(tmp_path / "adapter" / "lorafit_adapter.safetensors")) if "token_rows" in k} == {
         "model.embed_tokens.token_rows", "lm_head.token_rows"}
     loaded = load_adapted(tmp_path / "adapter")
     assert loaded.tokenizer.convert_tokens_to_ids("<|im_end|>") == 30523
@@ -354,15 +354,15 @@ def test_chat_sft_merge_chat_and_eval_round_trip(run_cli, tmp_path: Path) -> Non
             "data.packing=true", "data.max_length=64", "data.batch_size=4", "max_steps=6", "save_every=3",
             "optimizer.lr=1e-2", "eval_at_start=false", "progress=false")
     assert (r := run_cli("train", f"output_dir={run}", *args)).code == 0, r.text
-    meta = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    meta = json.loads((run / "adapter" / "lorafit_adapter.json").read_text())
     assert meta["added_tokens"] == {"<|im_start|>": 30522, "<|im_end|>": 30523}
     assert meta["chat_template"] == TEMPLATES["chatml"]
     (again / "checkpoints").mkdir(parents=True)
     import shutil
     shutil.copytree(run / "checkpoints" / "step-000003", again / "checkpoints" / "step-000003")
     assert (r := run_cli("train", f"output_dir={again}", *args, "resume=true")).code == 0, r.text
-    want = load_file(str(run / "adapter" / "adapter_model.safetensors"))
-    got = load_file(str(again / "adapter" / "adapter_model.safetensors"))
+    want = load_file(str(run / "adapter" / "lorafit_adapter.safetensors"))
+    got = load_file(str(again / "adapter" / "lorafit_adapter.safetensors"))
     assert max(float((got[k] - want[k]).abs().max()) for k in want) <= 1e-6
 
     merged = tmp_path / "merged"
@@ -443,7 +443,7 @@ def test_the_chat_qlora_recipe_trains_the_tiny_llama(run_cli, tmp_path: Path) ->
     from lorafit.config import load_run_config
     cfg = load_run_config(run)
     assert cfg.model.quantization == "nf4" and cfg.data.packing and cfg.hardware.gradient_checkpointing
-    saved = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    saved = load_file(str(run / "adapter" / "lorafit_adapter.safetensors"))
     assert any(k.endswith("lora_A") or "lora_A" in k for k in saved) and "lm_head.token_rows" in saved
 
 

@@ -335,7 +335,7 @@ def test_mc_head_training_run(mc_run: Path) -> None:
 
     cfg = load_run_config(mc_run)
     assert cfg.data.objective == "mc_head" and cfg.data.head == "multiple_choice"
-    meta = json.loads((mc_run / "adapter" / "adapter_config.json").read_text())
+    meta = json.loads((mc_run / "adapter" / "lorafit_adapter.json").read_text())
     assert meta["task"] == "multiple_choice" and "classifier" in meta["modules_to_save"]
     results = results_of(mc_run)  # dev score during training: the ARC-Easy test file
     assert set(results) == {"ARC-Easy"} and results["ARC-Easy"]["n"] == 4

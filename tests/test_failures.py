@@ -346,8 +346,8 @@ CASES: dict[str, Case] = {
     "resume_changed_seed": resume_case("seed=3", needles=("seed",)),
     "resume_corrupt_state": resume_case(damage=truncate("trainer_state.pt"), needles=("trainer_state.pt",)),
     "resume_hostile_pickle": resume_case(damage=hostile_state, needles=("trainer_state.pt", "safely")),
-    "resume_truncated_adapter": resume_case(damage=truncate("adapter_model.safetensors"),
-                                            needles=("adapter_model.safetensors", "damaged")),
+    "resume_truncated_adapter": resume_case(damage=truncate("lorafit_adapter.safetensors"),
+                                            needles=("lorafit_adapter.safetensors", "damaged")),
     # ---- training faults
     "diverges": train_case("optimizer.lr=1e30", "max_grad_norm=0",
                            needles=("Training diverged at step", "optimizer.lr=1e+30")),
@@ -364,11 +364,11 @@ CASES: dict[str, Case] = {
                                          needles=("did not write", "llama")),
     "merge_over_merge_no_flag": merge_case(lambda c, r: copy_of(c, c.merged, "merged"), needles=("--overwrite",)),
     "merge_over_merge_plus_user_file": merge_case(merged_with_notes, "--overwrite", needles=("NOTES.md",)),
-    "merge_truncated_adapter": merge_case(lambda c, r: c.tmp / "m", needles=("adapter_model.safetensors", "damaged"),
-                                          run=damaged_run(truncate("adapter_model.safetensors"))),
+    "merge_truncated_adapter": merge_case(lambda c, r: c.tmp / "m", needles=("lorafit_adapter.safetensors", "damaged"),
+                                          run=damaged_run(truncate("lorafit_adapter.safetensors"))),
     "merge_corrupt_adapter_config": merge_case(
-        lambda c, r: c.tmp / "m", needles=("adapter_config.json", "not valid JSON"),
-        run=damaged_run(lambda f: (f / "adapter_config.json").write_text('{"model": '))),
+        lambda c, r: c.tmp / "m", needles=("lorafit_adapter.json", "not valid JSON"),
+        run=damaged_run(lambda f: (f / "lorafit_adapter.json").write_text('{"model": '))),
     "merge_wrong_base": merge_case(lambda c, r: c.tmp / "m", "--base-model", "SEE_SETUP",
                                    needles=("fingerprint",)),
     "merge_base_missing": merge_case(lambda c, r: c.tmp / "m", "--base-model", "/nonexistent/base",
@@ -456,7 +456,7 @@ def test_non_finite_step_stops_before_the_update(tmp_path: Path) -> None:
     checkpoints = sorted((run / "checkpoints").iterdir())
     assert checkpoints, "the checkpoint before the diverged step is kept"
     for ckpt in checkpoints:   # every checkpoint written holds finite tensors only
-        state = load_file(str(ckpt / "adapter" / "adapter_model.safetensors"))
+        state = load_file(str(ckpt / "adapter" / "lorafit_adapter.safetensors"))
         assert all(torch.isfinite(v).all() for v in state.values()), ckpt
 
 
@@ -546,7 +546,7 @@ def test_kill_9_while_writing_a_checkpoint(tmp_path: Path) -> None:
     code, text = cli(*args, "resume=true")     # nothing to resume: starts at step 0 and finishes
     assert code == 0, text
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002"]
-    assert (run / "adapter" / "adapter_config.json").is_file()
+    assert (run / "adapter" / "lorafit_adapter.json").is_file()
 
 
 @pytest.mark.parametrize("point", ["merge:written", "publish:old-moved", "publish:new-in-place"])

@@ -132,7 +132,7 @@ def test_saved_adapter_applies_to_the_original_base(adapter: str, minilm_cfg, tm
             layer.lora_A.add_(torch.randn(layer.lora_A.shape, generator=gen) * 0.05)
             layer.lora_B.add_(torch.randn(layer.lora_B.shape, generator=gen) * 0.05)
     save_adapter(tmp_path / "adapter", assembled.model, assembled.meta)
-    state = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    state = load_file(str(tmp_path / "adapter" / "lorafit_adapter.safetensors"))
     assert sum(k.endswith(".init_A") for k in state) == len(assembled.layers)   # the stored init factors
     loaded = load_adapted(tmp_path / "adapter")                # onto the original, unmodified base
     assert all(layer.rebased for layer in loaded.layers.values())

@@ -234,7 +234,7 @@ def test_save_load_roundtrip_minilm_with_head(minilm_cfg, inputs, tmp_path: Path
         head.bias.normal_(std=0.5)
     expected = logits(a.model, inputs)
     save_adapter(tmp_path / "adapter", a.model, a.meta)
-    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "adapter" / "lorafit_adapter.safetensors").is_file()
     assert not (tmp_path / "adapter.tmp").exists()
 
     b = load_adapted(tmp_path / "adapter")
@@ -285,7 +285,7 @@ def test_adapter_of_another_config_is_refused(minilm_cfg, tmp_path: Path) -> Non
 
     from lorafit.adapters import load_adapter_state
     with pytest.raises(ConfigError, match="no place for"):
-        load_adapter_state(other.model, load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")))
+        load_adapter_state(other.model, load_file(str(tmp_path / "adapter" / "lorafit_adapter.safetensors")))
 
 
 # --------------------------------------------------------------------------------- trainable

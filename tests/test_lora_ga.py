@@ -54,7 +54,7 @@ def full_gradients(run: Path) -> dict[str, torch.Tensor]:
     batch = collate([data[i] for i in range(len(data))], tokenizer.pad_token_id)
     loss = head_loss(model(**model_inputs(batch)).logits, batch["labels"], "causal_lm") / count_loss_units(batch)
     loss.backward()
-    targets = json.loads((run / "adapter" / "adapter_config.json").read_text())["targets"]
+    targets = json.loads((run / "adapter" / "lorafit_adapter.json").read_text())["targets"]
     return {name: model.get_submodule(name).weight.grad.double() for name in targets}
 
 
@@ -72,8 +72,8 @@ def test_first_step_follows_the_truncated_full_gradient(run_cli, alpaca: Path, t
     plain = one_sgd_step(run_cli, tmp_path / "lora", alpaca, "kaiming")
     grads = full_gradients(run)
     s, gamma = 8 / 4, 16.0
-    ga, lora = load_file(str(run / "adapter" / "adapter_model.safetensors")), \
-        load_file(str(plain / "adapter" / "adapter_model.safetensors"))
+    ga, lora = load_file(str(run / "adapter" / "lorafit_adapter.safetensors")), \
+        load_file(str(plain / "adapter" / "lorafit_adapter.safetensors"))
     assert len(grads) == 14
     for name, G in grads.items():
         A0, B0 = ga[f"{name}.init_A"].double(), ga[f"{name}.init_B"].double()
@@ -107,8 +107,8 @@ def test_resume_does_not_redo_the_init_and_cache_is_reused(run_cli, alpaca: Path
     first = one_sgd_step(run_cli, tmp_path / "a", alpaca, "lora_ga", *common)
     assert cache.is_file()
     second = one_sgd_step(run_cli, tmp_path / "b", alpaca, "lora_ga", *common)   # same settings: from the cache
-    a = load_file(str(first / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(second / "adapter" / "adapter_model.safetensors"))
+    a = load_file(str(first / "adapter" / "lorafit_adapter.safetensors"))
+    b = load_file(str(second / "adapter" / "lorafit_adapter.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     # resume from step 1: the init is not recomputed (the factors come from the checkpoint)
     resumed = tmp_path / "c"
@@ -118,7 +118,7 @@ def test_resume_does_not_redo_the_init_and_cache_is_reused(run_cli, alpaca: Path
     cache.unlink()
     one_sgd_step(run_cli, resumed, alpaca, "lora_ga", *common, "resume=true")
     assert not cache.exists()                                   # nothing was estimated again
-    c = load_file(str(resumed / "adapter" / "adapter_model.safetensors"))
+    c = load_file(str(resumed / "adapter" / "lorafit_adapter.safetensors"))
     assert max(float((a[k] - c[k]).abs().max()) for k in a) <= 1e-6
 
 
@@ -227,6 +227,6 @@ def test_grouped_passes_give_the_same_factors(tmp_path: Path) -> None:
             cli_main([*args, f"output_dir={tmp_path / name}", *extra])
         except SystemExit as exc:
             assert exc.code == 0
-    a, b = (load_file(str(tmp_path / n / "adapter" / "adapter_model.safetensors")) for n in ("one", "groups"))
+    a, b = (load_file(str(tmp_path / n / "adapter" / "lorafit_adapter.safetensors")) for n in ("one", "groups"))
     assert a.keys() == b.keys()
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6

@@ -143,11 +143,11 @@ def test_adalora_masks_match_peft_given_the_same_gradients(minilm_cfg) -> None:
             assert torch.allclose(layer.lora_E, other_E, atol=1e-7)
         if t >= tinit + 1:
             pattern = theirs.peft_config["default"].rank_pattern
-            got = trainer.assembled.meta["adapter"].get("rank_pattern") or ours.rank_pattern
+            got = trainer.assembled.meta["adapter"].get("kept_triplets") or ours.kept_triplets
             for name in assembled.layers:
                 assert got[name] == pattern[f"{name}.lora_E.default"], (t, name)
             pruned_at_some_point |= any(not all(v) for v in got.values())
     assert pruned_at_some_point
-    kept = sum(sum(v) for v in ours.rank_pattern.values())
+    kept = sum(sum(v) for v in ours.kept_triplets.values())
     assert kept == 3 * len(assembled.layers)                      # target_r per layer on average
     assert_same_logits(model, theirs)

@@ -119,14 +119,14 @@ def test_checkpointed_training_with_dropout_equals_plain_and_resumes_exactly(tmp
     args = (*TINY, *SENTIMENT, "max_steps=4", "save_every=2", "model.dropout=0.1", "adapter.dropout=0.1")
     assert cli("train", f"output_dir={tmp_path / 'plain'}", *args)[0] == 0
     assert cli("train", f"output_dir={tmp_path / 'ckpt'}", *args, "hardware.gradient_checkpointing=true")[0] == 0
-    plain, ckpt = (load_file(str(tmp_path / r / "adapter" / "adapter_model.safetensors")) for r in ("plain", "ckpt"))
+    plain, ckpt = (load_file(str(tmp_path / r / "adapter" / "lorafit_adapter.safetensors")) for r in ("plain", "ckpt"))
     assert max(float((plain[k] - ckpt[k]).abs().max()) for k in plain) < 1e-5
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(tmp_path / "ckpt" / "checkpoints" / "step-000002", resumed / "checkpoints" / "step-000002")
     code, text = cli("train", f"output_dir={resumed}", *args, "hardware.gradient_checkpointing=true", "resume=true")
     assert code == 0, text
-    again = load_file(str(resumed / "adapter" / "adapter_model.safetensors"))
+    again = load_file(str(resumed / "adapter" / "lorafit_adapter.safetensors"))
     assert max(float((again[k] - ckpt[k]).abs().max()) for k in ckpt) < 1e-6
 
 
@@ -217,7 +217,7 @@ def test_qlora_trains_resumes_and_merges_onto_the_full_precision_base(option: st
     shutil.copytree(run / "checkpoints" / "step-000002", resumed / "checkpoints" / "step-000002")
     code, text = cli("train", f"output_dir={resumed}", *args, "resume=true")
     assert code == 0, text
-    a, b = (load_file(str(r / "adapter" / "adapter_model.safetensors")) for r in (run, resumed))
+    a, b = (load_file(str(r / "adapter" / "lorafit_adapter.safetensors")) for r in (run, resumed))
     assert max(float((a[k].double() - b[k].double()).abs().max()) for k in a) < 1e-6, option
     code, text = cli("merge", str(run), str(tmp_path / "merged"))
     assert code == 0, text
@@ -239,7 +239,7 @@ def test_a_trained_head_stays_unquantised(tmp_path: Path) -> None:
     code, text = cli("train", f"output_dir={run}", "model.quantization=nf4", "data.max_train_examples=32",
                      "data.max_eval_examples=16", "data.batch_size=16", "max_steps=2", "progress=false")
     assert code == 0, text
-    assert "classifier.weight" in load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    assert "classifier.weight" in load_file(str(run / "adapter" / "lorafit_adapter.safetensors"))
     assert cli("merge", str(run), str(tmp_path / "merged"))[0] == 0
 
 

@@ -338,7 +338,7 @@ TINY_RUN = ("model=tiny_llama", "data=sentiment_demo", "data.max_train_examples=
 
 
 def adapter_at(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(folder / "adapter" / "adapter_model.safetensors"))
+    return load_file(str(folder / "adapter" / "lorafit_adapter.safetensors"))
 
 
 def norm_gaps(state: dict[str, torch.Tensor]) -> list[float]:

@@ -4,7 +4,7 @@ Everything runs on the CPU with the tiny random Llama (``model=tiny_llama``) or 
 embedded MiniLM, on the GLUE fixtures, the shipped sentiment set or a tiny alpaca file written
 here. No test touches the network.
 
-The equivalence tests compare the final ``adapter_model.safetensors`` tensor by tensor:
+The equivalence tests compare the final ``lorafit_adapter.safetensors`` tensor by tensor:
 
 - gradient accumulation: ``grad_accum_steps=1`` and ``=4`` give the same adapter (1e-5);
 - resume: a run continued from a checkpoint equals the uninterrupted run (1e-6), with dropout on,
@@ -98,7 +98,7 @@ def train(out: Path, *overrides: str) -> Path:
 
 def adapter_of(path: Path) -> dict[str, torch.Tensor]:
     """The adapter tensors of a run folder or a checkpoint folder."""
-    return load_file(str(Path(path) / "adapter" / "adapter_model.safetensors"))
+    return load_file(str(Path(path) / "adapter" / "lorafit_adapter.safetensors"))
 
 
 def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -190,8 +190,8 @@ def test_short_run_on_each_data_kind(kind: str, tmp_path: Path, request: pytest.
         assert losses[-1] < losses[0], losses
 
     # the adapter: weights + config naming the task; the built base is kept for merge/eval
-    assert (run / "adapter" / "adapter_config.json").is_file()
-    meta = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert (run / "adapter" / "lorafit_adapter.json").is_file()
+    meta = json.loads((run / "adapter" / "lorafit_adapter.json").read_text())
     assert meta["task"] == cfg.data.head
     state = adapter_of(run)
     assert_adapter_trained(state)
@@ -476,7 +476,7 @@ def test_merge_of_a_causal_lm_run_loads_with_auto_causal_lm(sft_run: Path, tmp_p
 
 
 # ------------------------------------------------------------------- 7. checkpoint hygiene
-CHECKPOINT_FILES = {"adapter/adapter_model.safetensors", "adapter/adapter_config.json", "trainer_state.pt",
+CHECKPOINT_FILES = {"adapter/lorafit_adapter.safetensors", "adapter/lorafit_adapter.json", "trainer_state.pt",
                     "rng_state_0.pt", "config.yaml"}
 
 

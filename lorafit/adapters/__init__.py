@@ -8,6 +8,11 @@ The seam every method plugs into. An *adapter layer* wraps one ``nn.Linear`` (ke
 - ``merge()`` / ``unmerge()``: write ``W'`` into ``base.weight`` and back, guarded by ``merged``;
 - ``disabled``: a flag (the RL anchor and "eval without the adapter" need it).
 
+For export (:mod:`lorafit.export`) an :class:`AdditiveAdapter` also says how its update is written
+in PEFT's format: ``low_rank_update()`` — exact factors ``(B, A)`` with ``ΔW = B A`` relative to the
+original base, or None — and ``peft_form()``, PEFT's own tensors where PEFT has the method (DoRA,
+MiSS); ``original_weight()`` is the unadapted W0 an approximation subtracts.
+
 Convention: everything registered on an adapter layer except ``base.*`` is adapter state.
 Saving, loading and merging rely on it, so no code outside the method's own file ever asks
 which method it is.
@@ -25,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from typing import Any, Iterator, Protocol, runtime_checkable
+from typing import Any, Iterator, Optional, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -68,6 +73,28 @@ class AdditiveAdapter(nn.Module):
 
     def merged_weight(self) -> torch.Tensor:
         return dense_weight(self.base) + self.delta_weight()
+
+    def original_weight(self) -> torch.Tensor:
+        """The unadapted W0 (fp32) the update is relative to."""
+        return dense_weight(self.base)
+
+    def low_rank_update(self) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """``(B, A)`` with ``merged_weight() − original_weight() = B A`` exactly (fp32, any scale folded
+        into B); None when ΔW has no exact low-rank form."""
+        return None
+
+    def why_not_low_rank(self) -> str:
+        """Why :meth:`low_rank_update` is None (for the export's message)."""
+        return "its ΔW has no exact low-rank form"
+
+    def peft_form(self) -> Optional[tuple[str, dict[str, torch.Tensor]]]:
+        """The layer in PEFT's format: (kind, tensors by PEFT key suffix); by default the exact low-rank
+        update as a LoRA (``lora_A.weight``, ``lora_B.weight``; PEFT's scale 1), None if there is none."""
+        factors = self.low_rank_update()
+        if factors is None:
+            return None
+        B, A = factors
+        return "lora", {"lora_A.weight": A, "lora_B.weight": B}
 
     @torch.no_grad()
     def merge(self) -> None:

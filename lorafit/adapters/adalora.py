@@ -20,7 +20,7 @@ runs after every optimizer step, before ``zero_grad``, counting t = optimizer st
   the loss with weight ``orth_reg``.
 
 T is the trainer's total step count (never a user setting). The current mask is a buffer of each
-layer (saved with the adapter) and, as ``rank_pattern``, part of the saved adapter config.
+layer (saved with the adapter) and, as ``kept_triplets``, part of the saved adapter config.
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ class AdaLoRAConfig:
         tinit: optimizer steps at full budget before pruning starts. Default: 0.
         tfinal: optimizer steps trained with the final, frozen mask. Default: 0.
         delta_t: mask every delta_t steps while the budget shrinks. Default: 1.
-        rank_pattern: written by training (layer → kept ranks); leave null. Default: null.
+        kept_triplets: written by training (layer → which of the init_r triplets are kept; PEFT
+            calls this rank_pattern, a name lorafit leaves to PEFT's integer ranks); leave null. Default: null.
         target_modules: name patterns of the layers to adapt (null: the architecture's defaults).
     """
 
@@ -67,7 +68,7 @@ class AdaLoRAConfig:
     tinit: int = 0
     tfinal: int = 0
     delta_t: int = 1
-    rank_pattern: Optional[dict[str, list[bool]]] = None
+    kept_triplets: Optional[dict[str, list[bool]]] = None
     target_modules: Optional[list[str]] = None
 
     def __post_init__(self) -> None:
@@ -117,6 +118,11 @@ class AdaLoRALinear(AdditiveAdapter):
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B * self.lora_E) @ self.lora_A * self.scaling
 
+    def low_rank_update(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B diag(s·E), A)`` over the kept triplets (E ≠ 0): rank = what the budget left (0 if pruned)."""
+        keep = self.lora_E != 0
+        return (self.lora_B[:, keep] * (self.lora_E[keep] * self.scaling)).detach(), self.lora_A[keep].detach()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         if self.disabled or self.merged:
@@ -158,7 +164,7 @@ class RankAllocator(Callback):
         self.smoothed: dict[str, torch.Tensor] = {}     # Ī per parameter name
         self.uncertainty: dict[str, torch.Tensor] = {}  # Ū per parameter name
         self.final_mask: Optional[dict[str, torch.Tensor]] = None
-        self.rank_pattern: Optional[dict[str, list[bool]]] = None  # the latest mask, for the adapter config
+        self.kept_triplets: Optional[dict[str, list[bool]]] = None  # the latest mask, for the adapter config
 
     @staticmethod
     def _layers(trainer: Any) -> dict[str, AdaLoRALinear]:
@@ -169,8 +175,8 @@ class RankAllocator(Callback):
         if tinit + tfinal >= total:
             raise ConfigError(f"adapter.tinit={tinit} + adapter.tfinal={tfinal} leave no steps for AdaLoRA's budget "
                               f"schedule in a run of {total} optimizer steps. Lower them (tinit + tfinal < {total}).")
-        if self.rank_pattern is not None:   # resumed: the saved config carries the restored mask
-            trainer.assembled.meta["adapter"]["rank_pattern"] = self.rank_pattern
+        if self.kept_triplets is not None:   # resumed: the saved config carries the restored mask
+            trainer.assembled.meta["adapter"]["kept_triplets"] = self.kept_triplets
 
     def extra_loss(self, trainer: Any) -> Optional[torch.Tensor]:
         if self.cfg.orth_reg == 0:
@@ -227,8 +233,8 @@ class RankAllocator(Callback):
                                            cfg.target_r * len(layers), cfg.tinit, cfg.tfinal, cfg.delta_t)
         if mask_now or t == final_start:
             keep = self.mask_to_budget(layers, budget)
-            self.rank_pattern = {n: k.tolist() for n, k in keep.items()}
-            trainer.assembled.meta["adapter"]["rank_pattern"] = self.rank_pattern
+            self.kept_triplets = {n: k.tolist() for n, k in keep.items()}
+            trainer.assembled.meta["adapter"]["kept_triplets"] = self.kept_triplets
             if t == final_start:
                 self.final_mask = {n: k.cpu() for n, k in keep.items()}
                 self.smoothed, self.uncertainty = {}, {}
@@ -236,8 +242,9 @@ class RankAllocator(Callback):
     def state_dict(self) -> dict:
         cpu = lambda d: {k: v.cpu() for k, v in d.items()}  # noqa: E731
         return {"smoothed": cpu(self.smoothed), "uncertainty": cpu(self.uncertainty),
-                "final_mask": self.final_mask, "rank_pattern": self.rank_pattern}
+                "final_mask": self.final_mask, "kept_triplets": self.kept_triplets}
 
     def load_state_dict(self, state: dict) -> None:
         self.smoothed, self.uncertainty = dict(state["smoothed"]), dict(state["uncertainty"])
-        self.final_mask, self.rank_pattern = state["final_mask"], state["rank_pattern"]
+        self.final_mask = state["final_mask"]
+        self.kept_triplets = state.get("kept_triplets", state.get("rank_pattern"))   # its name until 0.1

@@ -81,6 +81,16 @@ class BoneLinear(AdditiveAdapter):
         blocks = -(-self.base.in_features // self.r)
         return self.bone_D.T.repeat(1, blocks)[:, :self.base.in_features]
 
+    def low_rank_update(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(Dᵀ, E)`` with ``E[t, j] = 1`` where ``j mod r = t``: tile(Dᵀ) = Dᵀ E, rank ≤ r."""
+        columns = torch.arange(self.base.in_features, device=self.bone_D.device)
+        E = (columns[None] % self.r == torch.arange(self.r, device=columns.device)[:, None]).float()
+        return self.bone_D.T.detach(), E
+
+    def peft_form(self) -> tuple[str, dict[str, torch.Tensor]]:
+        """PEFT's MiSS (Bone's successor there), default mode: its block is D."""
+        return "miss", {"miss_block": self.bone_D.detach()}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         if self.disabled or self.merged:
@@ -149,6 +159,13 @@ class BatLinear(AdditiveAdapter):
         """ΔW_ij = W_ij D_i + D_i (fp32, materialised)."""
         D = self.bat_D.unsqueeze(1)                                   # (out/r, 1, r, r): D_i for every j
         return self._unblocks(self._blocks(self.base.weight.float()) @ D + D)   # Bat refuses a quantised base
+
+    def why_not_low_rank(self) -> str:
+        return "ΔW_ij = W_ij D_i + D_i depends on every block of W0 (full rank)"
+
+    def peft_form(self) -> tuple[str, dict[str, torch.Tensor]]:
+        """PEFT's MiSS in its ``bat`` mode: the same block transform, its block is D."""
+        return "miss_bat", {"miss_block": self.bat_D.detach()}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled or self.merged:

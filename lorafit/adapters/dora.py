@@ -112,6 +112,18 @@ class DoRALinear(LoRALinear):
         quad = ((B @ (A @ A.T)) * B).sum(1)           # ‖(BA)_i‖², (out,)
         return (self.w0_norm_sq + 2 * s * cross + s * s * quad).clamp_min(0).sqrt()
 
+    def low_rank_update(self) -> None:
+        return None             # W' rescales each row of W0: full rank
+
+    def why_not_low_rank(self) -> str:
+        return "DoRA rescales every row of W0, so ΔW has full rank (and serving engines have no DoRA)"
+
+    def peft_form(self) -> tuple[str, dict[str, torch.Tensor]]:
+        """PEFT's DoRA: its LoRA factors (scale folded in) and ``lora_magnitude_vector`` = m; PEFT's norm is
+        the same per-row ‖W0 + B A‖ of the original base (a rebase's factors are part of B A)."""
+        B, A = LoRALinear.low_rank_update(self)
+        return "dora", {"lora_A.weight": A, "lora_B.weight": B, "lora_magnitude_vector": self.magnitude.detach()}
+
     def delta_weight(self) -> torch.Tensor:
         """W' − W0 (DoRA's update is not additive in B A alone)."""
         return self.merged_weight() - dense_weight(self.base)

@@ -1,13 +1,16 @@
 """The adapter folder format: what ``RUN/adapter/`` and every ``checkpoints/step-N/adapter/`` hold.
 
-- ``adapter_model.safetensors``: the adapter state of every layer (everything registered on an
+- ``lorafit_adapter.safetensors``: the adapter state of every layer (everything registered on an
   adapter layer except ``base.*``, see :mod:`lorafit.adapters`) and, for classification and
   regression, the trained head;
-- ``adapter_config.json``: the validated model/adapter/init configs, the adapted layer names, the
+- ``lorafit_adapter.json``: the validated model/adapter/init configs, the adapted layer names, the
   head (key ``task``), the base model's location and a fingerprint of its weights.
 
 That is everything ``lorafit merge`` and ``lorafit eval`` need (:func:`lorafit.assemble.load_adapted`
 rebuilds the model from it). The config is written last, so its presence marks a complete folder.
+The names are lorafit's own, so that no tool mistakes the folder for a PEFT adapter (``lorafit
+export`` writes those). Folders written by earlier versions (PEFT's file names, lorafit's schema) and
+PEFT adapter folders (:mod:`lorafit.adapters.peft_import`) are read too.
 """
 
 from __future__ import annotations
@@ -25,10 +28,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lorafit.adapters import adapter_state_dict
 from lorafit.config import ConfigError
+from lorafit.adapters.peft_import import PEFT_CONFIG, PEFT_WEIGHTS, is_peft_folder, peft_meta, peft_state
 from lorafit.files import load_tensors, read_json, recover, staging, swap_in
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "lorafit_adapter.safetensors"
+ADAPTER_CONFIG = "lorafit_adapter.json"
+LEGACY_WEIGHTS, LEGACY_CONFIG = PEFT_WEIGHTS, PEFT_CONFIG
+"""What lorafit wrote before its format had names of its own (PEFT's names, lorafit's schema)."""
 META_KEYS = ("model", "adapter", "targets", "task", "num_labels", "base_model", "base_fingerprint", "modules_to_save")
 
 
@@ -65,27 +71,42 @@ def save_adapter(folder: Path, model: nn.Module, meta: dict[str, Any]) -> None:
 
 
 def find_adapter_dir(path: str | os.PathLike) -> Optional[Path]:
-    """``path`` itself if it holds an adapter, else ``path/adapter``; None if neither does."""
+    """``path`` itself if it holds an adapter (lorafit's, an earlier version's or PEFT's), else
+    ``path/adapter``; None if neither does."""
     path = Path(path)
     for candidate in (path, path / "adapter"):
-        if (candidate / ADAPTER_CONFIG).is_file():
+        if (candidate / ADAPTER_CONFIG).is_file() or (candidate / LEGACY_CONFIG).is_file():
             return candidate
     return None
 
 
+def adapter_files(adapter_dir: Path) -> tuple[Path, Path]:
+    """The folder's (config, weights): lorafit's names, else an earlier version's."""
+    adapter_dir = Path(adapter_dir)
+    if (adapter_dir / ADAPTER_CONFIG).is_file() or not (adapter_dir / LEGACY_CONFIG).is_file():
+        return adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_WEIGHTS
+    return adapter_dir / LEGACY_CONFIG, adapter_dir / LEGACY_WEIGHTS
+
+
 def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
-    """The adapter folder's ``adapter_config.json``, checked to hold what loading needs."""
-    meta = read_json(Path(adapter_dir) / ADAPTER_CONFIG, "Adapter config")
+    """The adapter folder's config, checked to hold what loading needs (a PEFT folder's, translated)."""
+    config, _ = adapter_files(adapter_dir)
+    if config.name == LEGACY_CONFIG and is_peft_folder(adapter_dir):
+        return peft_meta(Path(adapter_dir))
+    meta = read_json(config, "Adapter config")
     missing = [k for k in META_KEYS if not isinstance(meta, dict) or k not in meta]
     if missing:
-        raise ConfigError(f"Adapter config {Path(adapter_dir) / ADAPTER_CONFIG} lacks {', '.join(missing)}: it was "
-                          f"not written by `lorafit train`, or it was edited. Use the run's own adapter folder.")
+        raise ConfigError(f"Adapter config {config} lacks {', '.join(missing)}: it was not written by `lorafit "
+                          f"train`, or it was edited. Use the run's own adapter folder.")
     return meta
 
 
 def read_adapter_weights(adapter_dir: Path, what: str = "Adapter file") -> dict[str, torch.Tensor]:
-    """The adapter folder's tensors (a damaged file is named in the error)."""
-    return load_tensors(Path(adapter_dir) / ADAPTER_WEIGHTS, what)
+    """The adapter folder's tensors under lorafit's keys (a damaged file is named in the error)."""
+    config, weights = adapter_files(adapter_dir)
+    if config.name == LEGACY_CONFIG and is_peft_folder(adapter_dir):
+        return peft_state(Path(adapter_dir))
+    return load_tensors(weights, what)
 
 
 def run_folder(adapter_dir: Path) -> Path:

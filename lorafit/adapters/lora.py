@@ -42,6 +42,9 @@ class LoRAConfig:
         use_rslora: rank-stabilised scaling alpha/sqrt(r). Default: false.
         target_modules: name patterns of the layers to adapt (see ``find_targets``); empty means
             the architecture's defaults (BERT: query/key/value/dense; Llama: q/k/v/o/gate/up/down_proj).
+        from_pretrained: a PEFT adapter folder (LoRA, rsLoRA or DoRA, trained elsewhere) whose factors
+            (and head) the run starts from instead of an init; r, alpha, use_rslora, the method and the
+            target layers must be the folder's (:mod:`lorafit.adapters.peft_import`). Default: null.
     """
 
     roles: ClassVar[tuple[str, ...]] = ("A", "B")   # what its layers declare (lorafit.adapters.ROLES)
@@ -51,6 +54,7 @@ class LoRAConfig:
     dropout: float = 0.0
     use_rslora: bool = False
     target_modules: Optional[list[str]] = None
+    from_pretrained: Optional[str] = None
 
     def __post_init__(self) -> None:
         check_range("adapter.r", self.r, 1)
@@ -97,6 +101,18 @@ class LoRALinear(AdditiveAdapter):
     def delta_weight(self) -> torch.Tensor:
         """ΔW = s · B A (out × in, fp32)."""
         return (self.lora_B @ self.lora_A) * self.scaling
+
+    def original_weight(self) -> torch.Tensor:
+        """W0 as the original base holds it (the residual plus ``s·B0 A0`` after a rebase)."""
+        weight = dense_weight(self.base)
+        return weight + self.scaling * (self.init_B @ self.init_A) if self.rebased else weight
+
+    def low_rank_update(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(s·B, A)``; after a rebase ``([s·B, −s·B0], [A; A0])``: rank 2r, as PEFT converts PiSSA/OLoRA."""
+        B, A = self.lora_B * self.scaling, self.lora_A
+        if self.rebased:
+            B, A = torch.cat([B, -self.init_B * self.scaling], 1), torch.cat([A, self.init_A])
+        return B.detach(), A.detach()
 
     @property
     def rebased(self) -> bool:

@@ -81,6 +81,11 @@ class LoRADashLinear(LoRALinear):
     def delta_weight(self) -> torch.Tensor:
         return super().delta_weight() + (self.dash_U * self.dash_d) @ self.dash_V.T
 
+    def low_rank_update(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """LoRA's factors and the s directions: ``([B_lora, U diag(d)], [A_lora; Vᵀ])``, rank ≤ r + s."""
+        B, A = super().low_rank_update()
+        return torch.cat([B, (self.dash_U * self.dash_d).detach()], 1), torch.cat([A, self.dash_V.T.detach()])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = super().forward(x)
         if self.disabled or self.merged:

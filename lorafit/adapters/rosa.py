@@ -111,6 +111,15 @@ class RoSALinear(LoRALinear):
     def delta_weight(self) -> torch.Tensor:
         return super().delta_weight() + self.sparse_matrix().to_dense()
 
+    def low_rank_update(self) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """LoRA's factors while the sparse part is still zero; after that, none (S has no low-rank form)."""
+        if bool((self.sparse_values * self.sparse_on).any()):
+            return None
+        return super().low_rank_update()
+
+    def why_not_low_rank(self) -> str:
+        return "its sparse part S (ΔW = s·BA + S) has no low-rank form"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = super().forward(x)
         if self.disabled or self.merged:

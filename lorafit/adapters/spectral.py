@@ -104,6 +104,12 @@ class SpectralLinear(AdditiveAdapter):
         S = self.spectral_S
         return (U2 * S) @ V2.T - (self.spectral_U * S) @ self.spectral_V.T
 
+    def low_rank_update(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``([U' diag(S), −U diag(S)], [V'ᵀ; Vᵀ])``: rank ≤ 2r."""
+        U2, V2 = self.tuned_factors()
+        S, U, V = self.spectral_S, self.spectral_U, self.spectral_V
+        return torch.cat([U2 * S, -U * S], 1).detach(), torch.cat([V2.T, V.T]).detach()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         if self.disabled or self.merged:

@@ -39,8 +39,9 @@ def _config(path: str) -> Any:
     from transformers import AutoConfig
 
     if not (Path(path) / "config.json").is_file():
-        raise ConfigError(f"'{path}' is neither a lorafit run folder (adapter/adapter_config.json) nor a Hugging "
-                          f"Face model folder (config.json). Give a run folder, a merged folder or a base model.")
+        raise ConfigError(f"'{path}' is neither a lorafit run folder (adapter/lorafit_adapter.json), a PEFT adapter "
+                          f"nor a Hugging Face model folder (config.json). Give a run folder, a merged folder or a "
+                          f"base model.")
     return from_pretrained(AutoConfig.from_pretrained, path, "a model config", FIX)
 
 

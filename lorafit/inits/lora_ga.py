@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, ClassVar, Iterable, Optional
 
 import torch
 from rich.progress import Progress
@@ -61,6 +61,8 @@ class LoRAGAInit:
             not change during the init, so each layer's gradient is the same), memory ÷ groups, time ×
             groups. On a GPU the sums live in host memory either way.
     """
+
+    rewrites_base: ClassVar[bool] = True      # W0 ← W0 − s·B0 A0 (LoRALinear.rebase)
 
     batches: int = 64
     batch_size: int = 2

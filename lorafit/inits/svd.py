@@ -19,7 +19,7 @@ trained model. All decompositions run in fp32 on the layer's device. The papers 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 from rich.progress import Progress
@@ -63,6 +63,8 @@ class PiSSAInit:
         niter: null = exact SVD; an integer K = randomised SVD with K subspace iterations (fast). Default: null.
     """
 
+    rewrites_base: ClassVar[bool] = True      # W0 ← W0 − s·B0 A0 (LoRALinear.rebase)
+
     niter: Optional[int] = None
 
     def __post_init__(self) -> None:
@@ -78,6 +80,8 @@ class PiSSAInit:
 class MiLoRAInit:
     """``init=milora``: the r minor singular components (exact SVD)."""
 
+    rewrites_base: ClassVar[bool] = True      # W0 ← W0 − s·B0 A0 (LoRALinear.rebase)
+
     def apply(self, layers: dict[str, nn.Module]) -> None:
         for _, layer, weight in _each_layer(layers, "MiLoRA init"):
             layer.rebase(*svd_factors(weight, layer.r, layer.scaling, minor=True))
@@ -86,6 +90,8 @@ class MiLoRAInit:
 @dataclass
 class OLoRAInit:
     """``init=olora``: B, A = the first r columns of Q and rows of R in ``W0 = Q R``."""
+
+    rewrites_base: ClassVar[bool] = True      # W0 ← W0 − s·B0 A0 (LoRALinear.rebase)
 
     def apply(self, layers: dict[str, nn.Module]) -> None:
         for _, layer, weight in _each_layer(layers, "OLoRA init"):

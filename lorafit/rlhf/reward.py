@@ -296,7 +296,7 @@ def load_reward_model(run: str, device: Optional[torch.device] = None) -> Any:
     """A trained ``task=reward`` run (its adapter, applied to its base, head included), in eval mode."""
     adapter_dir = find_adapter_dir(run)
     if adapter_dir is None:
-        raise ConfigError(f"reward.run={run!r} holds no adapter (adapter/adapter_config.json). Give the folder of a "
+        raise ConfigError(f"reward.run={run!r} holds no adapter (adapter/lorafit_adapter.json). Give the folder of a "
                           f"finished `lorafit train task=reward data=preference ...` run.")
     assembled = load_adapted(adapter_dir)
     if assembled.meta["task"] != "reward":

@@ -50,7 +50,7 @@ from accelerate import Accelerator
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from lorafit.adapters import load_adapter_state, trainable_parameters
-from lorafit.adapters.io import ADAPTER_CONFIG, Assembled, read_adapter_weights, save_adapter
+from lorafit.adapters.io import Assembled, adapter_files, read_adapter_weights, save_adapter
 from lorafit.callbacks import Callback
 from lorafit.config import ConfigError, TrainConfig, as_dict, flat_config, to_yaml
 from lorafit.console import console
@@ -431,7 +431,7 @@ class Trainer:
             if self.accelerator.is_main_process:
                 console.print(f"[yellow]resume=true but no checkpoint in {self.run_dir}; starting from step 0[/]")
             return
-        saved_meta = read_json(found / "adapter" / ADAPTER_CONFIG, "Checkpoint adapter config")
+        saved_meta = read_json(adapter_files(found / "adapter")[0], "Checkpoint adapter config")
         if saved_meta.get("base_fingerprint") != self.assembled.meta["base_fingerprint"]:
             raise ConfigError(f"resume=true: the base model '{self.cfg.model.name_or_path}' is not the one the checkpoint "
                               f"{found} was trained on (weights fingerprint {self.assembled.meta['base_fingerprint']}, "
