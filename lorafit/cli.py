@@ -157,42 +157,37 @@ def help_config(group: str) -> str:
 
 
 # ---------------------------------------------------------------------------------- processes
-def _launcher_process_count() -> int:
-    """``--num_processes N`` of the ``accelerate launch`` that started us (from /proc), or 0."""
-    try:
-        words = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")
-    except OSError:
-        return 0
-    for i, word in enumerate(words):
-        for flag in ("--num_processes", "--num-processes"):
-            if word == flag and i + 1 < len(words) and words[i + 1].isdigit():
-                return int(words[i + 1])
-            if word.startswith(flag + "="):
-                return int(word.split("=", 1)[1])
-    return 0
+def launched_processes() -> int:
+    """How many processes the launcher started (``WORLD_SIZE`` of torchrun / ``accelerate launch``), 1 if none.
 
-
-def relaunch_cpu_processes(argv: Sequence[str]) -> Optional[int]:
-    """Make ``accelerate launch --cpu --num_processes N -m lorafit train`` run N processes.
-
-    accelerate's ``--cpu`` launcher starts a single process (it fans out only through mpirun)
-    and sets ``MASTER_PORT`` without a world size. Seeing exactly that, lorafit starts the N
-    processes itself with ``torch.distributed.run`` (gloo on CPU) and returns their exit code;
-    in any other situation it returns None and training goes on in this process.
+    Raises:
+        ConfigError: ``accelerate launch --cpu --num_processes N`` (N > 1), which starts one process
+            (its CPU launcher fans out only through mpirun): it sets ``MASTER_PORT`` and no world size.
     """
     env = os.environ
-    launched_simple = (env.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1") and "MASTER_PORT" in env
-                       and not any(k in env for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "PMI_SIZE",
-                                                       "OMPI_COMM_WORLD_SIZE")))
-    count = _launcher_process_count() if launched_simple else 0
-    if count <= 1:
-        return None
-    print(f"lorafit: accelerate's --cpu launcher starts one process; starting {count} CPU processes "
-          f"with torch.distributed.run instead", file=sys.stderr)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={count}",
-           f"--master_addr={env.get('MASTER_ADDR', '127.0.0.1')}", f"--master_port={env['MASTER_PORT']}",
-           "-m", "lorafit", *argv]
-    return subprocess.run(cmd, env={**env, "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1")}).returncode
+    if "WORLD_SIZE" in env:
+        return int(env["WORLD_SIZE"])
+    if env.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1") and "MASTER_PORT" in env:
+        raise ConfigError("`accelerate launch --cpu --num_processes N` starts a single process (accelerate's CPU "
+                          "launcher fans out only through mpirun), so this run would silently train on one. Start N CPU "
+                          "processes with `lorafit train hardware.num_processes=N ...` or `torchrun --nproc_per_node N "
+                          "-m lorafit train ...`.")
+    return 1
+
+
+def start_processes(count: int, argv: Sequence[str]) -> int:
+    """``hardware.num_processes=N``: run ``lorafit train`` in N processes with ``torch.distributed.run``
+    (gloo on CPU, nccl on GPUs) on a free local port; returns their exit code."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    print(f"lorafit: starting {count} processes (torch.distributed.run --nproc_per_node {count})", file=sys.stderr)
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={count}", "--master_addr=127.0.0.1",
+           f"--master_port={port}", "-m", "lorafit", *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    return subprocess.run(cmd, env=env).returncode
 
 
 # ---------------------------------------------------------------------------------- commands
@@ -208,6 +203,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise
         raise ConfigError(f"{exc} (The config came from the recipe {args.recipe} and the command line.)") from None
     args.log_dir = cfg.output_dir
+    wanted, launched = cfg.hardware.num_processes, launched_processes()
+    if wanted > 1 and launched == 1:
+        return start_processes(wanted, args.argv)
+    if wanted > 1 and launched != wanted:
+        raise ConfigError(f"hardware.num_processes={wanted}, but the launcher started {launched} processes. Leave "
+                          f"hardware.num_processes at 1 under torchrun / accelerate launch (they choose the count).")
     train(cfg)
     return 0
 
@@ -427,8 +428,7 @@ def run_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    if args.command == "train" and (code := relaunch_cpu_processes(argv)) is not None:
-        sys.exit(code)
+    args.argv = argv
     quiet_libraries()
     if getattr(args, "help_config", None):
         args.func = lambda a: print(help_config(a.help_config)) or 0

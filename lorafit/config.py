@@ -140,17 +140,22 @@ class HardwareConfig:
         gradient_checkpointing: keep only each transformer block's input during the forward pass and
             recompute the block in the backward pass (transformers' own checkpointing, non-reentrant):
             activation memory of one block instead of all, for about one more forward pass.
+        num_processes: processes on this machine that ``lorafit train`` starts itself (with
+            ``torch.distributed.run``: gloo on CPU, nccl on GPUs), as LLaMA-Factory starts torchrun.
+            Leave it at 1 under ``torchrun`` or ``accelerate launch``, which start the processes. Default: 1.
     """
 
     device: str = "auto"
     mixed_precision: str = "no"
     grad_accum_steps: int = 1
     gradient_checkpointing: bool = False
+    num_processes: int = 1
 
     def __post_init__(self) -> None:
         check_choice("hardware.device", self.device, ["auto", "cpu", "gpu"])
         check_choice("hardware.mixed_precision", self.mixed_precision, ["no", "bf16", "fp16"])
         check_range("hardware.grad_accum_steps", self.grad_accum_steps, 1)
+        check_range("hardware.num_processes", self.num_processes, 1)
 
     def accelerator(self, log_with: Sequence[str] = (), logging_dir: Optional[str] = None) -> Any:
         """The ``accelerate.Accelerator`` of this process for these settings (with experiment trackers

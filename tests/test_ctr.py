@@ -242,7 +242,7 @@ def records(run: Path) -> list[dict]:
 
 
 def adapter_of(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    return load_file(str(run / "adapter" / "lorafit_adapter.safetensors"))
 
 
 def test_dora_with_ctr_logs_every_step_and_keeps_its_promises(run_cli, tmp_path: Path) -> None:
@@ -315,7 +315,7 @@ def test_rank_schedule_freezes_the_components_outside_the_budget(run_cli, tmp_pa
     args = (*TINY, "+optim=ctr", "optimizer.rank_budget=0.25", "optimizer.rank_every=100", "max_steps=3",
             "save_every=1", "keep_checkpoints=5")
     assert (r := run_cli("train", f"output_dir={run}", *args)).code == 0, r.text
-    first, last = load_file(str(run / "checkpoints" / "step-000001" / "adapter" / "adapter_model.safetensors")), adapter_of(run)
+    first, last = load_file(str(run / "checkpoints" / "step-000001" / "adapter" / "lorafit_adapter.safetensors")), adapter_of(run)
     moved = frozen = 0
     for key in (k for k in first if k.endswith("lora_A")):
         key_b = key[:-1] + "B"
@@ -338,12 +338,12 @@ def test_bad_ctr_options_fail_with_a_clear_message(run_cli, tmp_path: Path) -> N
 
 @pytest.mark.slow
 def test_two_processes_take_the_same_ctr_steps_as_one(run_cli, tmp_path: Path) -> None:
-    from test_train import _accelerate
+    from test_train import two_processes
 
     args = (*TINY, "+optim=ctr", "max_steps=3", "model.dropout=0.0")
     one = tmp_path / "one"
     assert (r := run_cli("train", f"output_dir={one}", *args, "hardware=cpu")).code == 0, r.text
-    proc = _accelerate(tmp_path / "two", *args)
+    proc = two_processes(tmp_path / "two", *args, launcher="torchrun")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for a, b in zip(records(one), records(tmp_path / "two"), strict=True):
         for key in ("loss", "rho", "pred_reduction", "actual_reduction", "cg_iters", "accepted", "radius"):

@@ -353,15 +353,21 @@ def test_resume_false_into_a_run_with_checkpoints_is_refused(tmp_path: Path) -> 
 
 
 # ------------------------------------------------------------------- 5. two processes
-def _accelerate(out: Path, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    # The documented command. accelerate's --cpu launcher alone starts only ONE process (it needs
-    # mpirun for several); lorafit sees that and starts the requested processes itself
-    # (torch.distributed.run, gloo), which is what this test checks.
+LAUNCHERS = {   # the documented ways to start 2 CPU processes
+    "lorafit": lambda: [sys.executable, "-m", "lorafit", "train", "hardware.num_processes=2"],
+    "torchrun": lambda: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                         f"--master_port={free_port()}", "-m", "lorafit", "train"],
+    "accelerate --cpu": lambda: [*ACCELERATE_LAUNCH, "--cpu", "--num_processes", "2", "--num_machines", "1",
+                                 "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+                                 str(free_port()), "-m", "lorafit", "train"],
+}
+
+
+def two_processes(out: Path, *overrides: str, launcher: str = "lorafit", timeout: int = 300) -> subprocess.CompletedProcess:
+    """``lorafit train`` in 2 CPU processes (gloo), started by ``launcher``."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [*ACCELERATE_LAUNCH, "--cpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           "-m", "lorafit", "train", "hardware=cpu", f"output_dir={out}", *QUIET, *overrides]
+    cmd = [*LAUNCHERS[launcher](), "hardware=cpu", f"output_dir={out}", *QUIET, *overrides]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -370,9 +376,9 @@ def test_two_processes_give_the_same_adapter_as_one(tmp_path: Path) -> None:
     common = (*TINY, *SENTIMENT, "model.dropout=0.0", "max_steps=5", "optimizer.lr=2e-3")
     one = train(tmp_path / "one", *common, "hardware=cpu")
     # 2 processes × 2 accumulation steps: micro-batches of 2, gradients synced once per step
-    proc = _accelerate(tmp_path / "two", *common, "hardware.grad_accum_steps=2")
+    proc = two_processes(tmp_path / "two", *common, "hardware.grad_accum_steps=2")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "starting 2 CPU processes" in proc.stderr
+    assert "starting 2 processes" in proc.stderr
     two = tmp_path / "two"
     assert max_diff(adapter_of(two), adapter_of(one)) < 1e-5
     for a, b in zip(train_records(one), train_records(two), strict=True):
@@ -381,12 +387,22 @@ def test_two_processes_give_the_same_adapter_as_one(tmp_path: Path) -> None:
     assert res_one == res_two  # the dev split is sharded over both processes and gathered back
     assert list((two / "adapter").iterdir()) and not list(two.rglob("*.tmp"))
 
-    bad = _accelerate(tmp_path / "bad", *TINY, *SENTIMENT, "data.batch_size=3", "max_steps=2")
+    bad = two_processes(tmp_path / "bad", *TINY, *SENTIMENT, "data.batch_size=3", "max_steps=2", launcher="torchrun")
     assert bad.returncode != 0
     text = " ".join((bad.stdout + bad.stderr).split())
     assert "data.batch_size=3" in text and "must divide evenly across 2 process(es)" in text
     assert "Choose a multiple of 2" in text
     assert not (tmp_path / "bad" / "adapter").exists()
+
+
+def test_accelerate_cpu_launch_of_several_processes_is_refused_not_guessed(tmp_path: Path) -> None:
+    """accelerate's --cpu launcher starts one process whatever --num_processes says; lorafit does not
+    read its launcher's command line to guess N, it refuses and names the two launches that work."""
+    proc = two_processes(tmp_path / "run", *TINY, *SENTIMENT, "max_steps=1", launcher="accelerate --cpu")
+    text = " ".join((proc.stdout + proc.stderr).split())
+    assert proc.returncode != 0, text      # lorafit exits 2; accelerate's launcher re-raises it (its traceback)
+    assert "lorafit train: error: `accelerate launch --cpu --num_processes N` starts a single process" in text
+    assert "hardware.num_processes=N" in text and "torchrun" in text and not (tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------------- 6. merge and eval
