@@ -140,6 +140,9 @@ class HardwareConfig:
         gradient_checkpointing: keep only each transformer block's input during the forward pass and
             recompute the block in the backward pass (transformers' own checkpointing, non-reentrant):
             activation memory of one block instead of all, for about one more forward pass.
+        sharding: ``none`` (every process holds the whole model: DDP when there are several) or ``fsdp``
+            (FSDP2: every weight sharded across the processes, gathered a layer at a time;
+            :mod:`lorafit.train.sharding`). Default: none.
         num_processes: processes on this machine that ``lorafit train`` starts itself (with
             ``torch.distributed.run``: gloo on CPU, nccl on GPUs), as LLaMA-Factory starts torchrun.
             Leave it at 1 under ``torchrun`` or ``accelerate launch``, which start the processes. Default: 1.
@@ -149,6 +152,7 @@ class HardwareConfig:
     mixed_precision: str = "no"
     grad_accum_steps: int = 1
     gradient_checkpointing: bool = False
+    sharding: str = "none"
     num_processes: int = 1
 
     def __post_init__(self) -> None:
@@ -156,6 +160,7 @@ class HardwareConfig:
         check_choice("hardware.mixed_precision", self.mixed_precision, ["no", "bf16", "fp16"])
         check_range("hardware.grad_accum_steps", self.grad_accum_steps, 1)
         check_range("hardware.num_processes", self.num_processes, 1)
+        check_choice("hardware.sharding", self.sharding, ["none", "fsdp"])
 
     def accelerator(self, log_with: Sequence[str] = (), logging_dir: Optional[str] = None) -> Any:
         """The ``accelerate.Accelerator`` of this process for these settings (with experiment trackers

@@ -18,6 +18,10 @@ every tensor autograd keeps for the backward pass. Per process:
   gradient with respect to the (fp32) logits, the trainable tensors' gradients, and on a quantised
   base one layer's weight dequantised to the compute dtype.
 
+Under ``hardware=fsdp`` with N processes, weights, adapter, gradients and optimizer state are 1/N each,
+and the transients gain two of the largest sharded layers gathered whole (the running one and the
+next, prefetched).
+
 ``activations + transients`` is the *step peak*: what a training step needs on top of the resident
 model and optimizer state, as ``scripts/bench_adapters.py`` / ``scripts/bench_scale.py`` measure it
 (peak RSS above the resident set, allocator-exact by the profiler). The interpreter and libraries
@@ -250,6 +254,14 @@ def estimate(cfg: TrainConfig, processes: int = 1) -> MemoryEstimate:
     if cfg.model.quantization != "none":
         biggest = max((m.base.weight.numel() for n, m in model.named_modules() if n in targets), default=0)
         dequantised = biggest * compute.itemsize
+    gathered = 0
+    if cfg.hardware.sharding == "fsdp" and processes > 1:
+        # FSDP2 keeps 1/N of every weight, gradient and optimizer state, and gathers the running layer
+        # whole, the next one prefetched: two of the largest sharding units
+        weights, adapter, grads, optimizer = (x // processes for x in (weights, adapter, grads, optimizer))
+        units = set(getattr(model, "_no_split_modules", None) or [])
+        gathered = 2 * max((sum(p.numel() * p.element_size() for p in m.parameters())
+                            for m in model.modules() if type(m).__name__ in units), default=0)
     return MemoryEstimate(weights=weights, adapter=adapter, optimizer=optimizer, activations=activations,
-                          transients=logits_grad + grads + dequantised, micro_batch=micro, sequence=sequence,
-                          checkpointing=checkpointing)
+                          transients=logits_grad + grads + dequantised + gathered, micro_batch=micro,
+                          sequence=sequence, checkpointing=checkpointing)

@@ -255,12 +255,10 @@ def export(run_dir: str, out_dir: str, fmt: str = "peft", approx: bool = False, 
     if not layers:
         raise ConfigError(f"Every adapter layer of {run_dir} has rank 0 (ΔW = 0): there is nothing to export.")
     kinds = {layer.kind for layer in layers.values()}
-    if len(kinds) > 1:                            # e.g. some RoSA layers exact, some by SVD: all plain LoRA
-        kinds = {"lora"}
-        for name, layer in layers.items():
-            if layer.kind != "lora":
-                raise ConfigError(f"{name} exports as {layer.kind} while others export as LoRA; one PEFT adapter "
-                                  f"holds one kind. Export with --format servable --approx.")
+    if len(kinds) > 1:                            # e.g. DoRA layers with some above --max-rank (by SVD: LoRA)
+        name, layer = next((n, x) for n, x in layers.items() if x.kind != "lora")
+        raise ConfigError(f"{name} exports as {layer.kind} while others export as LoRA; one PEFT adapter holds one "
+                          f"kind. Export with --format servable --approx (every layer as LoRA), or without --max-rank.")
     tokens, token_state = token_rows_state(model)
     if tokens and kinds & {"miss", "miss_bat"}:
         raise ConfigError("PEFT's MiSS (Bone, Bat) takes no trainable_token_indices, and this run added tokens. "

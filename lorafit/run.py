@@ -101,7 +101,7 @@ def memory_line(cfg: TrainConfig, processes: int) -> str:
 RESUME_HARMLESS = ("output_dir", "resume", "overwrite", "eval_every", "eval_at_start", "save_every", "log_every",
                    "keep_checkpoints", "progress", "tensorboard", "logging.", "data.eval_batch_size", "data.max_eval_examples",
                    "model.name_or_path", "model.tokenizer")   # the base itself is checked by its fingerprint
-RESUME_NOTED = ("hardware.grad_accum_steps", "hardware.device")  # the same update up to round-off
+RESUME_NOTED = ("hardware.grad_accum_steps", "hardware.device", "hardware.num_processes")  # the same update up to round-off
 
 
 def claim_run_dir(cfg: TrainConfig, accelerator: Accelerator) -> None:

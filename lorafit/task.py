@@ -98,32 +98,38 @@ def predict(model: nn.Module, dataset: Any, head: str, batch_size: int, pad_toke
     """Run ``model`` over ``dataset`` in order.
 
     With an ``accelerator`` of several processes, each process takes a contiguous share and the
-    results are gathered back in file order.
+    results are gathered back in file order. The shares are equal (the last padded with repeats of
+    its final example, whose results are dropped): under FSDP every forward is a collective, so every
+    process must run as many as the others.
 
     Returns:
         ``{"predictions": [...], "labels": [...]}`` for classification and multiple_choice (class or
         choice ids) and regression (floats); ``{"loss": mean token loss, "tokens": n}`` for causal_lm.
     """
     indices = list(range(len(dataset)))
+    real = len(indices)
     if accelerator is not None and accelerator.num_processes > 1:
-        with accelerator.split_between_processes(indices) as share:
-            indices = list(share)
+        share = -(-len(indices) // accelerator.num_processes)
+        mine = indices[accelerator.process_index * share:(accelerator.process_index + 1) * share]
+        real, indices = len(mine), mine + [mine[-1] if mine else 0] * (share - len(mine))
     was_training = model.training
     model.eval()
     predictions, labels, loss_sum, tokens = [], [], 0.0, 0
     for start in range(0, len(indices), batch_size):
         rows = dataset.select(indices[start:start + batch_size])
+        keep = max(0, min(len(rows), real - start))            # the rows that are not padding
         batch = {k: v.to(device) for k, v in collate(list(rows), pad_token_id).items()}
         logits = forward_logits(model, batch)
         if head == "causal_lm":
+            batch["labels"][keep:] = IGNORE_INDEX
             loss_sum += float(head_loss(logits, batch["labels"], head))
             tokens += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         else:
             out = logits.float().squeeze(-1) if head == "regression" else logits.argmax(-1)
-            predictions += out.tolist()
-            labels += batch["labels"].tolist()
+            predictions += out[:keep].tolist()
+            labels += batch["labels"][:keep].tolist()
         if progress is not None:
-            progress(len(rows))
+            progress(keep)
     model.train(was_training)
     if accelerator is not None and accelerator.num_processes > 1:
         from accelerate.utils import gather_object

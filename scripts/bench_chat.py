@@ -3,6 +3,7 @@
 
     python scripts/bench_chat.py --markdown                 # all four, at 10 and 40 steps
     python scripts/bench_chat.py --tools lorafit_packed trl_packed --steps 5 20
+    pip install -e ".[bench]"                               # TRL, for the trl_packed column
 
 The data are the shared alpaca demo (1,000 rows, ``../shared/data/instruct/alpaca_en_demo.json``)
 rendered with the alpaca prompt and tokenised with the shared Llama-2 tokenizer by lorafit's own

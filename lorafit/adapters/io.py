@@ -49,15 +49,18 @@ class Assembled:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def save_adapter(folder: Path, model: nn.Module, meta: dict[str, Any]) -> None:
+def save_adapter(folder: Path, model: nn.Module, meta: dict[str, Any],
+                 state: Optional[dict[str, torch.Tensor]] = None) -> None:
     """Write the adapter recoverably: into a hidden sibling (the config last), then swap it in.
+    ``state`` is the model's adapter state when the caller gathered it already (a sharded model).
 
     Raises:
         ConfigError: a tensor holds NaN or inf (a diverged run must not leave a final adapter).
     """
     folder = Path(folder)
     recover(folder, ADAPTER_CONFIG)
-    state = {k: v.contiguous() for k, v in adapter_state_dict(model, meta["modules_to_save"]).items()}
+    state = state if state is not None else adapter_state_dict(model, meta["modules_to_save"])
+    state = {k: v.contiguous() for k, v in state.items()}
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise ConfigError(f"The adapter holds NaN or inf values ({len(bad)} tensors, first: {bad[0]}), so it was not "

@@ -49,7 +49,7 @@ import torch
 from accelerate import Accelerator
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from lorafit.adapters import load_adapter_state, trainable_parameters
+from lorafit.adapters import adapter_state_dict, load_adapter_state, trainable_parameters
 from lorafit.adapters.io import Assembled, adapter_files, read_adapter_weights, save_adapter
 from lorafit.callbacks import Callback
 from lorafit.config import ConfigError, TrainConfig, as_dict, flat_config, to_yaml
@@ -59,6 +59,7 @@ from lorafit.files import fault_point, load_state, read_json
 from lorafit.models import enable_gradient_checkpointing
 from lorafit.train.checkpoint import (checkpoint_dir, latest_checkpoint, prune_checkpoints, rng_state,
                                       set_rng_state)
+from lorafit.train import sharding
 
 Batch = dict[str, torch.Tensor]
 
@@ -153,6 +154,12 @@ class Trainer:
 
         if cfg.hardware.gradient_checkpointing:
             enable_gradient_checkpointing(assembled.model)
+        self.sharded = cfg.hardware.sharding == "fsdp"
+        if self.sharded:
+            sharding.check(cfg, callbacks)
+            said = sharding.shard(assembled.model, accelerator.device)
+            if accelerator.is_main_process:
+                console.print(said)
         named = trainable_parameters(assembled.model)
         self.params = [p for _, p in named]
         owners = [cb for cb in callbacks if cb.owns_step]
@@ -162,7 +169,9 @@ class Trainer:
         self.step_owner: Optional[Callback] = owners[0] if owners else None
         optimizer = cfg.optimizer.build(named)        # None when a callback owns the step
         self.scheduler = cfg.optimizer.make_scheduler(optimizer, self.total_steps) if optimizer is not None else None
-        if optimizer is None:
+        if self.sharded:                  # sharded already: accelerate must not wrap it in DDP
+            self.model, self.optimizer = assembled.model, optimizer
+        elif optimizer is None:
             if self.step_owner is None:
                 raise ConfigError(f"optimizer={type(cfg.optimizer).__name__} builds no optimizer and no callback owns "
                                   f"the step; nothing would update the parameters.")
@@ -217,7 +226,9 @@ class Trainer:
         for cb in self.callbacks:
             cb.after_backward(self)
         grad_norm = None
-        if self.cfg.max_grad_norm > 0 and self.step_owner is None:
+        if self.cfg.max_grad_norm > 0 and self.sharded:
+            grad_norm = sharding.grad_norm(self.params, self.cfg.max_grad_norm)
+        elif self.cfg.max_grad_norm > 0 and self.step_owner is None:
             grad_norm = float(acc.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
         elif self.cfg.max_grad_norm > 0:   # logged, not clipped: the owner's rule bounds the step
             grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None]))
@@ -385,10 +396,16 @@ class Trainer:
     def unwrapped(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.model)
 
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """The adapter's tensors, whole (every process calls it: gathering a sharded model is a collective)."""
+        state = adapter_state_dict(self.unwrapped(), self.assembled.meta["modules_to_save"])
+        return sharding.full_tensors(state) if self.sharded else state
+
     def save_final(self) -> None:
         self.accelerator.wait_for_everyone()
+        state = self.adapter_state()
         if self.accelerator.is_main_process:
-            save_adapter(self.run_dir / "adapter", self.unwrapped(), self.assembled.meta)
+            save_adapter(self.run_dir / "adapter", self.unwrapped(), self.assembled.meta, state)
             if self._last_eval:
                 (self.run_dir / "results.json").write_text(json.dumps(self._last_eval, indent=2))
         if self._tracking:
@@ -401,12 +418,14 @@ class Trainer:
         final = checkpoint_dir(self.run_dir, self.step)
         tmp = final.with_name(final.name + ".tmp")
         acc.wait_for_everyone()
+        state = self.adapter_state()
+        optimizer = (None if self.optimizer is None else sharding.optimizer_state(self.model, self.optimizer)
+                     if self.sharded else self.optimizer.state_dict())
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a run killed while saving this step
-            save_adapter(tmp / "adapter", self.unwrapped(), self.assembled.meta)
+            save_adapter(tmp / "adapter", self.unwrapped(), self.assembled.meta, state)
             (tmp / "config.yaml").write_text(to_yaml(self.cfg))
-            torch.save({"step": self.step,
-                        "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+            torch.save({"step": self.step, "optimizer": optimizer,
                         "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                         "callbacks": [cb.state_dict() for cb in self.callbacks],
                         "num_processes": acc.num_processes, "grad_accum_steps": self.cfg.hardware.grad_accum_steps},
@@ -437,9 +456,16 @@ class Trainer:
                               f"{found} was trained on (weights fingerprint {self.assembled.meta['base_fingerprint']}, "
                               f"expected {saved_meta.get('base_fingerprint')}). Point model.name_or_path at the original "
                               f"base ('{saved_meta.get('base_model')}').")
-        load_adapter_state(self.unwrapped(), read_adapter_weights(found / "adapter", "Checkpoint adapter file"))
+        adapter = read_adapter_weights(found / "adapter", "Checkpoint adapter file")
+        if self.sharded:
+            sharding.load_adapter(self.model, adapter)
+        else:
+            load_adapter_state(self.unwrapped(), adapter)
         state = load_state(found / "trainer_state.pt")
-        if self.optimizer is not None:
+        if self.optimizer is not None and self.sharded:
+            sharding.load_optimizer(self.model, self.optimizer, state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        elif self.optimizer is not None:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
         for cb, cb_state in zip(self.callbacks, state["callbacks"]):
