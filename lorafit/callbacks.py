@@ -34,6 +34,9 @@ class Callback:
 
     owns_step: bool = False
     """True for a step rule that replaces the optimizer step (then ``optimizer.build`` returns None)."""
+    works_sharded: bool = False
+    """True for a callback that touches no whole weight between steps, so that it runs under
+    ``hardware=fsdp`` (where every weight is held in shards)."""
 
     def on_train_start(self, trainer: Any) -> None: ...
 

@@ -176,18 +176,29 @@ def launched_processes() -> int:
 
 
 def start_processes(count: int, argv: Sequence[str]) -> int:
-    """``hardware.num_processes=N``: run ``lorafit train`` in N processes with ``torch.distributed.run``
-    (gloo on CPU, nccl on GPUs) on a free local port; returns their exit code."""
+    """``hardware.num_processes=N``: run ``lorafit train`` in N processes on this machine (torch's elastic
+    launcher, what ``torchrun`` runs: gloo on CPU, nccl on GPUs); returns their exit code. A process's
+    failure is its own one-paragraph message; the launcher adds no traceback of its own."""
+    import logging
     import socket
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     print(f"lorafit: starting {count} processes (torch.distributed.run --nproc_per_node {count})", file=sys.stderr)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={count}", "--master_addr=127.0.0.1",
-           f"--master_port={port}", "-m", "lorafit", *argv]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    return subprocess.run(cmd, env=env).returncode
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=count, run_id=uuid.uuid4().hex, rdzv_backend="c10d",
+                          rdzv_endpoint=f"127.0.0.1:{port}", max_restarts=0)
+    try:
+        elastic_launch(config, sys.executable)("-m", "lorafit", *argv)
+    except ChildFailedError as exc:           # the process that failed said why
+        return max((f.exitcode for f in exc.failures.values() if f.exitcode > 0), default=1)
+    return 0
 
 
 # ---------------------------------------------------------------------------------- commands

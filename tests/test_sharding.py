@@ -71,3 +71,25 @@ def test_dora_with_checkpointing_trains_sharded_like_one_process(tmp_path: Path)
     proc = two_processes(tmp_path / "fsdp", *args, "hardware.sharding=fsdp")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert max_diff(adapter_of(tmp_path / "fsdp"), adapter_of(one)) < 1e-5
+
+
+@pytest.mark.slow
+def test_rl_samples_in_step_under_fsdp_and_learns_what_ddp_learns(tmp_path: Path) -> None:
+    """generate(synced_gpus=True): a process whose completions ended keeps running forwards until both
+    have finished; the samples, rewards and adapter are those of 2 DDP processes (same seeds)."""
+    from tests.test_rlhf import RL_ARGS, TOY
+
+    args = (*TINY, *RL_ARGS, TOY, "max_steps=3", "optimizer.lr=1e-2")
+    ddp, fsdp = (two_processes(tmp_path / mode, *args, f"hardware.sharding={mode}") for mode in ("none", "fsdp"))
+    assert ddp.returncode == 0 and fsdp.returncode == 0, fsdp.stderr[-3000:]
+    assert max_diff(adapter_of(tmp_path / "fsdp"), adapter_of(tmp_path / "none")) < 1e-6
+    assert [r["reward_mean"] for r in train_records(tmp_path / "fsdp")] == \
+        [r["reward_mean"] for r in train_records(tmp_path / "none")]
+
+
+def test_a_failing_process_started_by_lorafit_ends_in_its_paragraph_not_a_traceback(tmp_path: Path) -> None:
+    proc = two_processes(tmp_path / "run", *TINY, "data=instruct", f"data.path={tmp_path / 'missing.json'}",
+                         "max_steps=1")
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 2, text
+    assert "missing.json does not exist" in text and "Traceback" not in text

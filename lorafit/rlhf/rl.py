@@ -147,8 +147,9 @@ class Rollout:
 
 @torch.no_grad()
 def sample(model: nn.Module, tokenizer: Any, prompts: list[list[int]], k: int, max_new_tokens: int,
-           temperature: float, top_p: float) -> Rollout:
-    """Sample ``k`` completions per prompt with ``model.generate`` (the adapter on)."""
+           temperature: float, top_p: float, synced: bool = False) -> Rollout:
+    """Sample ``k`` completions per prompt with ``model.generate`` (the adapter on). ``synced``: every
+    process keeps running forwards until all have finished (a sharded model's forwards are collectives)."""
     device = next(model.parameters()).device
     repeated = [p for p in prompts for _ in range(k)]
     ids, mask = left_pad(repeated, tokenizer.pad_token_id, device)
@@ -157,7 +158,7 @@ def sample(model: nn.Module, tokenizer: Any, prompts: list[list[int]], k: int, m
     model.eval()
     out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature, top_p=top_p,
                          top_k=0, max_new_tokens=max_new_tokens, min_new_tokens=1, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=eos_id)
+                         eos_token_id=eos_id, synced_gpus=synced)
     model.train(was_training)
     completions = out[:, ids.shape[1]:]
     cmask = completion_mask(completions, eos_id)
@@ -312,7 +313,7 @@ class RLTask:
         fresh = trainer.step % self.ppo_epochs == 0 or key not in self._cache
         if fresh:
             rollout = sample(trainer.unwrapped(), trainer.assembled.tokenizer, prompts_of(batch), k,
-                             self.max_new_tokens, self.temperature, self.top_p)
+                             self.max_new_tokens, self.temperature, self.top_p, synced=getattr(trainer, "sharded", False))
         else:
             rollout = self._cache[key]
         n_completion = rollout.mask.shape[1]
@@ -377,6 +378,8 @@ class RLTask:
 
 class RLStepCallback(Callback):
     """Writes the RL metrics into every step's row; resets the micro-batch counter, drops stale samples."""
+
+    works_sharded = True
 
     def __init__(self, task: RLTask) -> None:
         self.task = task

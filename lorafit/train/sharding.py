@@ -14,6 +14,8 @@ single-process format), the optimizer state as plain tensors keyed by parameter 
 (:func:`optimizer_state`), and their loading back (:func:`load_adapter`, :func:`load_optimizer`).
 Callbacks that read or edit whole weights between steps (rank schedules, LoRA-GA's gradients, the
 trust-region and refactoring step rules) and quantised bases are refused at start (:func:`check`).
+RL samples with ``generate(synced_gpus=True)``: a process whose completions ended keeps running
+forwards until every process has finished.
 """
 
 from __future__ import annotations
@@ -32,20 +34,19 @@ def check(cfg: Any, callbacks: list) -> None:
     """Refuse what does not run sharded, naming it and the alternative.
 
     Raises:
-        ConfigError: a method callback, a quantised base, RL sampling, or one process.
+        ConfigError: a method callback, a quantised base, or one process.
     """
     import torch.distributed as dist
 
     problems = []
-    if callbacks:
-        names = ", ".join(sorted({type(cb).__name__ for cb in callbacks}))
+    whole = [cb for cb in callbacks if not cb.works_sharded]
+    if whole:
+        names = ", ".join(sorted({type(cb).__name__ for cb in whole}))
         problems.append(f"{names} read or change whole weights between steps, and FSDP holds them in shards "
                         f"(plain LoRA, rsLoRA, DoRA, Bone, Bat, Spectral-A/R, LoRA+ and the SVD inits run sharded)")
     if cfg.model.quantization != "none":
         problems.append(f"model.quantization={cfg.model.quantization}: bitsandbytes stores 4-bit weights as "
                         f"uint8, which FSDP cannot shard")
-    if type(cfg.task).__name__ == "RLTask":
-        problems.append("task=rl samples with generate(), whose forward count differs per process")
     if not dist.is_initialized() or dist.get_world_size() < 2:
         problems.append("it runs in one process: start several (hardware.num_processes=N, or torchrun)")
     if problems:
