@@ -18,7 +18,6 @@ import argparse
 import os
 import re
 import shlex
-import subprocess
 import sys
 import tempfile
 import traceback

@@ -239,6 +239,29 @@ def test_spectral_rotation_keeps_singular_vectors_orthonormal(minilm_cfg) -> Non
 
 
 @torch.no_grad()
+def test_lora_dash_launch_after_a_rebasing_init_scores_the_trained_update_on_the_original_w0(minilm_cfg) -> None:
+    """After PiSSA the base holds W0 − s·B0A0 and the factors start at B0, A0: the launch must take the
+    directions of the pre-trained W0 and score ΔW = s(BA − B0A0), what training has added."""
+    from lorafit.inits.svd import PiSSAInit
+
+    assembled = assemble(minilm_cfg, make_config("lora_dash"), PiSSAInit(), "classification", 2, seed=0)
+    name = "bert.encoder.layer.1.attention.self.value"
+    layer = assembled.layers[name]
+    w0 = load_adapted_base_weight(minilm_cfg, name)
+    layer.lora_B.add_(torch.randn(layer.lora_B.shape, generator=torch.Generator().manual_seed(4)) * 0.05)
+    U, S, Vh = torch.linalg.svd(w0.double(), full_matrices=False)
+    delta_w = layer.scaling * (layer.lora_B @ layer.lora_A - layer.init_B @ layer.init_A).double()
+    score = torch.stack([(U[:, i] @ delta_w @ Vh[i]).abs() / S[i] for i in range(len(S))])
+    assert layer.launch().tolist() == sorted(torch.topk(score, 4).indices.tolist())
+
+
+def load_adapted_base_weight(model_cfg, name: str) -> torch.Tensor:
+    """The pre-trained weight of layer ``name``, from a fresh base."""
+    plain = assemble(model_cfg, make_config("lora"), None, "classification", 2, seed=0)
+    return plain.layers[name].base.weight.detach().clone()
+
+
+@torch.no_grad()
 def test_lora_dash_launch_picks_the_top_directions(minilm_cfg) -> None:
     """δ_i = u_iᵀ ΔW v_i with ΔW materialised here; the launch keeps the s largest |δ_i|/σ_i."""
     layer = build(minilm_cfg, "lora_dash").layers["bert.encoder.layer.1.attention.self.value"]
@@ -496,3 +519,16 @@ def test_rosa_sparse_values_get_their_own_learning_rate() -> None:
     scheduler = AdamWConfig(lr=7e-4, warmup_steps=2).make_scheduler(optimizer, 10)
     scheduler.step()
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([3.5e-4, 1e-4])  # one schedule for both
+
+
+def test_adalora_refuses_a_kept_triplets_set_by_hand() -> None:
+    """The masks are the schedule's output: a value given at the start would be silently overwritten."""
+    from types import SimpleNamespace
+
+    from lorafit.adapters.adalora import RankAllocator
+    from lorafit.config import ConfigError
+
+    allocator = RankAllocator(make_config("adalora", kept_triplets={"q": [True, False]}))
+    with pytest.raises(ConfigError, match=r"adapter.kept_triplets is written by training"):
+        allocator.on_train_start(SimpleNamespace(total_steps=10))
+    RankAllocator(make_config("adalora")).on_train_start(SimpleNamespace(total_steps=10))

@@ -175,6 +175,10 @@ class RankAllocator(Callback):
         if tinit + tfinal >= total:
             raise ConfigError(f"adapter.tinit={tinit} + adapter.tfinal={tfinal} leave no steps for AdaLoRA's budget "
                               f"schedule in a run of {total} optimizer steps. Lower them (tinit + tfinal < {total}).")
+        if self.cfg.kept_triplets is not None and self.kept_triplets is None:
+            raise ConfigError("adapter.kept_triplets is written by training (the masks AdaLoRA's budget schedule "
+                              "chose) and cannot be set: the schedule would overwrite it at its first masking step. "
+                              "Leave it null; to start from a trained AdaLoRA adapter, resume its run.")
         if self.kept_triplets is not None:   # resumed: the saved config carries the restored mask
             trainer.assembled.meta["adapter"]["kept_triplets"] = self.kept_triplets
 

@@ -31,7 +31,6 @@ from lorafit.adapters import adapter_layers
 from lorafit.adapters.lora import LoRAConfig, LoRALinear
 from lorafit.callbacks import Callback
 from lorafit.config import check_range
-from lorafit.quant import dense_weight
 
 
 @dataclass
@@ -95,10 +94,14 @@ class LoRADashLinear(LoRALinear):
 
     @torch.no_grad()
     def launch(self) -> torch.Tensor:
-        """Choose the top-s directions of W0 by |u_iᵀ ΔW v_i| / σ_i; returns their indices."""
-        U, S, Vh = torch.linalg.svd(dense_weight(self.base), full_matrices=False)
+        """Choose the top-s directions of W0 by |u_iᵀ ΔW v_i| / σ_i; returns their indices.
+
+        W0 is the pre-trained weight and ΔW what LoRA has learnt: after an init that rewrote the base
+        (PiSSA, OLoRA …) that is ``W_res + s·B0A0`` and ``s(BA − B0A0)``, not the residual and ``s·BA``."""
+        U, S, Vh = torch.linalg.svd(self.original_weight(), full_matrices=False)
         V = Vh.T
-        delta = self.scaling * ((U.T @ self.lora_B) * (self.lora_A @ V).T).sum(1)   # δ_i = s·(UᵀB)_i·(AV)_:,i
+        B, A = LoRALinear.low_rank_update(self)                                     # ΔW = B A, scale folded
+        delta = ((U.T @ B) * (A @ V).T).sum(1)                                      # δ_i = (UᵀB)_i·(AV)_:,i
         score = delta.abs() / S.clamp_min(torch.finfo(S.dtype).tiny)
         chosen = torch.topk(score, self.s).indices.sort().values
         self.dash_U.copy_(U[:, chosen])
