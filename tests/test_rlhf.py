@@ -134,6 +134,24 @@ def test_per_token_kl_equals_a_direct_reference_computation(tiny_llama_cfg) -> N
     assert abs(want[0]) > 1e-3  # the check is not vacuous
 
 
+def test_log_probs_follow_the_sampling_temperature_and_top_p_is_refused(tiny_llama_cfg) -> None:
+    """generate() samples from softmax(logits / T): the update's and the KL's log-probabilities must be
+    of that distribution (TRL's convention), not of T = 1; nucleus sampling would be off-policy."""
+    from lorafit.rlhf.rl import RLTask
+
+    assembled, _ = _adapted_llama(tiny_llama_cfg)
+    model = assembled.model.eval()
+    ids, attn = torch.tensor([[101, 2000, 2001, 7592, 500]]), torch.ones(1, 5, dtype=torch.long)
+    with torch.no_grad():
+        hot, _ = token_logprobs(model, ids, attn, 2, temperature=0.7)
+        cold, _ = token_logprobs(model, ids, attn, 2)
+        scaled = torch.log_softmax(model(input_ids=ids).logits[0, 2:4].double() / 0.7, -1)
+    assert hot[0].tolist() == pytest.approx([float(scaled[0, 7592]), float(scaled[1, 500])], abs=1e-5)
+    assert float((hot - cold).abs().max()) > 1e-3
+    with pytest.raises(ConfigError, match=r"task.top_p=0.9: nucleus sampling .* off-policy"):
+        RLTask(top_p=0.9)
+
+
 def test_reward_head_reads_the_last_non_padding_token(tiny_llama_cfg) -> None:
     assembled, _ = _adapted_llama(tiny_llama_cfg, "reward", 1)
     model, pad = assembled.model.eval(), assembled.tokenizer.pad_token_id

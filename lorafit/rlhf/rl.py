@@ -49,15 +49,17 @@ RewardFn = Callable[[list[str], list[str], list[list[int]]], Sequence[float]]
 
 # ------------------------------------------------------------------------------------- maths
 def token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   n_completion: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs of the last ``n_completion`` tokens of each row, and the policy's entropy there.
+                   n_completion: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of the last ``n_completion`` tokens of each row, and the policy's entropy there, under
+    the distribution that sampled them: ``softmax(logits / temperature)`` (as TRL computes them), so that
+    the PPO ratio and the KL are on-policy at any sampling temperature.
 
     Rows are left-padded prompts followed by completions; positions count real tokens only, as in
     generation. Returns two ``(n, n_completion)`` fp32 tensors.
     """
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).logits
-    logits = logits[:, -n_completion - 1:-1].float()
+    logits = logits[:, -n_completion - 1:-1].float() / temperature
     logp_all = F.log_softmax(logits, dim=-1)
     targets = input_ids[:, -n_completion:]
     logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
@@ -247,7 +249,8 @@ class RLTask:
         estimator: ``rloo`` (default: REINFORCE with the leave-one-out baseline) or ``ppo``
             (clipped surrogate on the same advantages; no value head).
         samples_per_prompt: ``k`` completions per prompt (at least 2, for the baseline).
-        max_new_tokens / temperature / top_p: sampling.
+        max_new_tokens / temperature: sampling; the policy's and the anchor's log-probabilities are
+            taken at the same temperature. top_p: must stay 1 (nucleus sampling would be off-policy).
         kl_coef: ``β`` of the shaped return ``r - β·KL``.
         clip_eps: PPO's ``ε``.
         ppo_epochs: PPO: optimizer steps taken on each batch of samples (1 = fresh samples every step).
@@ -271,6 +274,11 @@ class RLTask:
         check_range("task.max_new_tokens", self.max_new_tokens, 1)
         check_range("task.temperature", self.temperature, 0.0, low_inclusive=False)
         check_range("task.top_p", self.top_p, 0.0, 1.0, low_inclusive=False)
+        if self.top_p < 1:
+            raise ConfigError(f"task.top_p={self.top_p}: nucleus sampling draws from a truncated distribution that "
+                              f"is not the policy whose log-probabilities the update and the KL use, so the RL step "
+                              f"would be off-policy. Keep task.top_p=1 and sharpen with task.temperature (below 1) "
+                              f"instead, which the log-probabilities follow.")
         check_range("task.kl_coef", self.kl_coef, 0.0)
         check_range("task.clip_eps", self.clip_eps, 0.0, 1.0, low_inclusive=False)
         check_range("task.ppo_epochs", self.ppo_epochs, 1)
@@ -317,7 +325,8 @@ class RLTask:
         else:
             rollout = self._cache[key]
         n_completion = rollout.mask.shape[1]
-        logp, entropy = token_logprobs(model, rollout.input_ids, rollout.attention_mask, n_completion)
+        logp, entropy = token_logprobs(model, rollout.input_ids, rollout.attention_mask, n_completion,
+                                       self.temperature)
         mask = rollout.mask
         if fresh:
             rollout.old_logp = logp.detach()
@@ -345,7 +354,8 @@ class RLTask:
                 self._reward_fn = self.reward.build(trainer.accelerator.device, trainer.cfg.data.max_length)
         model = trainer.unwrapped()
         with adapters_disabled(model):
-            ref_logp, _ = token_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.mask.shape[1])
+            ref_logp, _ = token_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.mask.shape[1],
+                                         self.temperature)
         kl = kl_k1(rollout.old_logp, ref_logp, rollout.mask)
         rewards = torch.as_tensor(list(map(float, self._reward_fn(rollout.prompts, rollout.completions,
                                                                   rollout.completion_ids))),
