@@ -37,7 +37,6 @@ from lorafit.adapters.lora_dash import LoRADashConfig
 from lorafit.adapters.rosa import RoSAConfig
 from lorafit.adapters.spectral import SpectralConfig
 from lorafit.config import ConfigError
-from lorafit.optim.basic import AdamWConfig
 from lorafit.optim.loraplus import LoRAPlusConfig
 from lorafit.optim.reflora import RefLoRAConfig, RefLoRASConfig
 
@@ -102,7 +101,8 @@ def test_loraplus_groups_on_minilm(adapter: str) -> None:
     optimizer = cfg.optimizer.build(named)
     groups = group_of(optimizer)
     assert len(groups) == len(named)                                 # every trainable tensor, once
-    assert all(g["weight_decay"] == 0.01 for g in optimizer.param_groups)
+    decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    assert all(decay[id(p)] == (0.0 if n.endswith("bias") else 0.01) for n, p in named)   # as PEFT / the authors
     assert optimizer.param_groups[0]["lr"] == 1e-3                   # the logged lr is lr, not λ·lr
     lr = lr_of(optimizer)
     for layer in assembled.layers.values():
@@ -111,17 +111,17 @@ def test_loraplus_groups_on_minilm(adapter: str) -> None:
         if adapter == "dora":
             assert lr[id(layer.magnitude)] == pytest.approx(4e-3)
     head = assembled.model.classifier
-    assert lr[id(head.weight)] == lr[id(head.bias)] == pytest.approx(1e-3)   # 1-D, but not in an adapter
-    assert len(optimizer.param_groups) == 2
+    assert lr[id(head.weight)] == pytest.approx(1e-3) and lr[id(head.bias)] == pytest.approx(4e-3)  # 1-D: like B
+    assert len(optimizer.param_groups) == 3                          # lr; λ·lr decayed; λ·lr, the bias, not
 
-    # the schedule scales both groups alike: λ stays 4 throughout the lr warm-up
+    # the schedule scales every group alike: λ stays 4 throughout the lr warm-up
     cfg.optimizer.warmup_steps = 5
     scheduler = cfg.optimizer.make_scheduler(optimizer, 10)
     for _ in range(3):
         optimizer.step()
         scheduler.step()
-        a, b = (g["lr"] for g in optimizer.param_groups)
-        assert b == pytest.approx(4 * a) and a < 1e-3
+        a, *others = (g["lr"] for g in optimizer.param_groups)
+        assert all(b == pytest.approx(4 * a) for b in others) and a < 1e-3
 
 
 def test_loraplus_extra_tensors_of_rosa_and_lora_dash() -> None:
@@ -141,17 +141,23 @@ def test_loraplus_extra_tensors_of_rosa_and_lora_dash() -> None:
     for name in ("rosa", "rosa_default", "dash"):
         assert lr[id(model[name].lora_A)] == 1e-3
         assert lr[id(model[name].lora_B)] == pytest.approx(4e-3)
-    assert lr[id(model["head"].weight)] == lr[id(model["head"].bias)] == 1e-3
-    assert all(g["weight_decay"] == 0.01 for g in optimizer.param_groups)
+    assert lr[id(model["head"].weight)] == 1e-3 and lr[id(model["head"].bias)] == pytest.approx(4e-3)
+    decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    assert decay[id(model["dash"].base.bias)] == decay[id(model["head"].bias)] == 0.0
+    assert decay[id(model["dash"].dash_d)] == decay[id(model["head"].weight)] == 0.01
 
 
 def test_loraplus_with_ratio_one_is_adamw_weight_decay_included() -> None:
+    """λ = 1 is AdamW with the authors' decay groups: every tensor decayed but the biases."""
     gen = torch.Generator().manual_seed(1)
     model = nn.Sequential(lora_layer(12, 8, 3, gen), nn.Linear(8, 2))
     twin = copy.deepcopy(model)
     x = torch.randn(5, 12, generator=gen)
     opt_plus = LoRAPlusConfig(lr=1e-2, ratio=1, weight_decay=0.5).build(trainable(model))
-    opt_adamw = AdamWConfig(lr=1e-2, weight_decay=0.5).build(trainable(twin))
+    named = trainable(twin)
+    opt_adamw = torch.optim.AdamW([{"params": [p for n, p in named if not n.endswith("bias")], "weight_decay": 0.5},
+                                   {"params": [p for n, p in named if n.endswith("bias")], "weight_decay": 0.0}],
+                                  lr=1e-2)
     for _ in range(2):
         for m, opt in ((model, opt_plus), (twin, opt_adamw)):
             opt.zero_grad()

@@ -7,18 +7,19 @@ cannot make both factors learn features efficiently: A's fan-in grows with the w
 is the fixed rank r, so with Adam η_A = Θ(1/n) and η_B = Θ(1). LoRA+ (AdamW with η_B = λ η_A)
 fixes that with one extra number.
 
-Parameter groups, from the role each adapter layer declares for its tensors (``param.lorafit_role``,
-:data:`lorafit.adapters.ROLES`; no names, no list of methods here — see :func:`loraplus_lr`):
+Parameter groups as the authors' code and PEFT's ``create_loraplus_optimizer`` make them, from the
+role each adapter layer declares for its tensors (``param.lorafit_role``, :data:`lorafit.adapters.ROLES`;
+no list of methods here — see :func:`loraplus_lr`):
 
-- role ``B`` (LoRA's B) and ``vector`` (a 1-D output-side tensor of a layer built on s·B·A: DoRA's
-  magnitude, LoRA-Dash's d, the layer's bias if a run trains it): λ · lr — a vector acts on the
-  output side like B, with no wide fan-in;
-- role ``A``, role ``delta`` (RoSA's sparse values: entries of ΔW itself, wide like A) and every
-  untagged tensor (a task head, its bias included; the tensors of adapters without B·A factors): lr;
+- role ``B`` (LoRA's B) and every other 1-D tensor (DoRA's magnitude, LoRA-Dash's d, a trained
+  bias, a head's bias): λ · lr — a vector acts on the output side like B, with no wide fan-in;
+- role ``A``, every other matrix (a task head's weight; the tensors of adapters without B·A
+  factors) and role ``delta`` (RoSA's sparse values, entries of ΔW itself, wide like A: lorafit's
+  choice, the authors have no RoSA): lr;
 - a tensor carrying ``lorafit_lr`` (RoSA's ``sparse_lr``) keeps that learning rate.
 
-Weight decay is applied in every group at ``weight_decay``, 1-D tensors included: the paper
-states no rule for them, and lorafit's AdamW decays every trainable tensor, so
+Weight decay, as there too: ``weight_decay`` on every tensor but biases and normalisation weights
+(:func:`decayed`; DoRA's magnitude is decayed). With ``weight_decay=0`` (the default),
 ``optimizer=loraplus optimizer.ratio=1`` is exactly ``optimizer=adamw``. The schedule multiplies
 every group's learning rate by the same factor. lorafit puts no LoRA on embeddings, so there is
 no separate embedding group (PEFT gives LoRA embeddings their own lr, 1e-6 by default).
@@ -49,7 +50,14 @@ def loraplus_lr(param: nn.Parameter, lr: float, ratio: float) -> float:
     own: Optional[float] = getattr(param, "lorafit_lr", None)
     if own is not None:
         return own
-    return ratio * lr if getattr(param, "lorafit_role", None) in OUTPUT_SIDE else lr
+    role = getattr(param, "lorafit_role", None)
+    return ratio * lr if role in OUTPUT_SIDE or (param.ndim == 1 and role != "delta") else lr
+
+
+def decayed(name: str) -> bool:
+    """Whether LoRA+ decays a tensor: not biases, not normalisation weights (``*norm*`` modules)."""
+    module = name.rpartition(".")[0].rpartition(".")[2].lower()
+    return not (name.endswith("bias") or "norm" in module)
 
 
 def no_factor_error(named_params: list[tuple[str, nn.Parameter]], rule: str) -> ConfigError:
@@ -83,16 +91,16 @@ class LoRAPlusConfig(AdamWConfig):
         check_range("optimizer.ratio", self.ratio, 0, low_inclusive=False)
 
     def param_groups(self, named_params: list[tuple[str, nn.Parameter]]) -> list[dict]:
-        """One AdamW group per distinct learning rate, the ``lr`` group first (its lr is the one
-        logged); every group carries ``weight_decay``. AdamWConfig.build uses these groups.
+        """One AdamW group per distinct (learning rate, decayed or not), the decayed ``lr`` group first
+        (its lr is the one logged). AdamWConfig.build uses these groups.
 
         Raises:
             ConfigError: no trainable tensor is a LoRA B factor (an adapter without B·A factors).
         """
         if not factor_layer_paths(named_params):
             raise no_factor_error(named_params, "loraplus")
-        groups: dict[float, list[nn.Parameter]] = {self.lr: []}
-        for _, param in named_params:
-            groups.setdefault(loraplus_lr(param, self.lr, self.ratio), []).append(param)
-        return [{"params": params, "lr": lr, "weight_decay": self.weight_decay}
-                for lr, params in groups.items() if params]
+        groups: dict[tuple[float, bool], list[nn.Parameter]] = {(self.lr, True): []}
+        for name, param in named_params:
+            groups.setdefault((loraplus_lr(param, self.lr, self.ratio), decayed(name)), []).append(param)
+        return [{"params": params, "lr": lr, "weight_decay": self.weight_decay if decay else 0.0}
+                for (lr, decay), params in groups.items() if params]
