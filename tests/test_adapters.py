@@ -325,6 +325,38 @@ def test_rosa_mask_is_the_top_k_of_the_mean_squared_gradient() -> None:
     assert layer.sparse_index.tolist() == sorted(expected), "the mask is not the top-k of the mean squared gradient"
 
 
+@pytest.mark.parametrize("fisher", ["step", "micro_batch"])
+def test_rosa_fisher_squares_the_step_or_each_micro_batch(fisher: str) -> None:
+    """Two micro-batches per step, through real backward passes: ``step`` squares their summed
+    gradient, ``micro_batch`` (the authors' collector) sums their squares; each equals the score
+    computed here from separately taken gradients, and the two differ."""
+    from types import SimpleNamespace
+
+    from lorafit.adapters.rosa import SparseMaskSchedule
+
+    torch.manual_seed(0)
+    layer = RoSAConfig(r=2, density=0.05).wrap(nn.Linear(20, 10))
+    layer.base.weight.requires_grad_(False)
+    model = nn.Sequential(layer)
+    xs = [torch.randn(4, 20) for _ in range(2)]
+    schedule = SparseMaskSchedule(warmup=0, num_grads=1, per_micro_batch=fisher == "micro_batch")
+    trainer = SimpleNamespace(unwrapped=lambda: model, step=0, accelerator=SimpleNamespace(num_processes=1),
+                              optimizer=SimpleNamespace(state={}))
+    schedule.on_train_start(trainer)
+    for x in xs:                                        # the trainer's micro-batches of one step
+        model(x).pow(2).sum().backward()
+    schedule.after_backward(trainer)
+    got = schedule.fisher["0"].double()
+    per_batch = []
+    for x in xs:
+        w = layer.base.weight.detach().clone().requires_grad_(True)
+        out = x @ w.T + layer.base.bias.detach() + (x @ layer.lora_A.T.detach() @ layer.lora_B.T.detach()) * layer.scaling
+        per_batch.append(torch.autograd.grad(out.pow(2).sum(), w)[0].double())
+    step_score, micro_score = sum(per_batch) ** 2, sum(g ** 2 for g in per_batch)
+    assert max_diff(got, step_score if fisher == "step" else micro_score) <= 1e-6 * float(got.abs().max())
+    assert max_diff(step_score, micro_score) > 1e-3 * float(micro_score.abs().max())
+
+
 # ------------------------------------------------------------------------------ 3. merge/unmerge
 @pytest.mark.parametrize("name", NAMES)
 def test_merge_unmerge_in_place(name: str, arch) -> None:

@@ -33,7 +33,7 @@ from torch import nn
 from lorafit.adapters import adapter_layers
 from lorafit.adapters.lora import LoRAConfig, LoRALinear
 from lorafit.callbacks import Callback
-from lorafit.config import ConfigError, check_range
+from lorafit.config import ConfigError, check_choice, check_range
 from lorafit.quant import WeightGradients, is_quantized
 
 
@@ -46,6 +46,10 @@ class RoSAConfig(LoRAConfig):
         schedule: ``wl{N}``: N optimizer steps of LoRA alone before the gradients are collected. Default: wl64.
         spa_num_grads: steps over which the squared dense gradients are averaged. Default: 1.
         sparse_lr: learning rate of the sparse values (null: the optimizer's lr). Default: null.
+        fisher: what is squared: ``step`` (each optimizer step's gradient, however the step is split
+            into micro-batches and processes: 1 process = N processes = gradient accumulation) or
+            ``micro_batch`` (each micro-batch's gradient, summed: the authors' collector; it differs
+            from ``step`` under gradient accumulation or several processes). Default: step.
     """
 
     roles: ClassVar[tuple[str, ...]] = ("A", "B", "delta")
@@ -54,9 +58,11 @@ class RoSAConfig(LoRAConfig):
     schedule: str = "wl64"
     spa_num_grads: int = 1
     sparse_lr: Optional[float] = None
+    fisher: str = "step"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_choice("adapter.fisher", self.fisher, ["step", "micro_batch"])
         check_range("adapter.density", self.density, 0, 1, low_inclusive=False)
         check_range("adapter.spa_num_grads", self.spa_num_grads, 1)
         if self.sparse_lr is not None:
@@ -81,7 +87,7 @@ class RoSAConfig(LoRAConfig):
                           sparse_lr=self.sparse_lr)
 
     def callbacks(self) -> list[Callback]:
-        return [SparseMaskSchedule(self.warmup, self.spa_num_grads)]
+        return [SparseMaskSchedule(self.warmup, self.spa_num_grads, self.fisher == "micro_batch")]
 
 
 class RoSALinear(LoRALinear):
@@ -149,11 +155,14 @@ class SparseMaskSchedule(Callback):
     middle of the collection ends with the same mask.
     """
 
-    def __init__(self, warmup: int, num_grads: int) -> None:
+    def __init__(self, warmup: int, num_grads: int, per_micro_batch: bool = False) -> None:
         self.warmup = warmup
         self.num_grads = num_grads
+        self.per_micro_batch = per_micro_batch
         self.fisher: dict[str, torch.Tensor] = {}
         self._hooks: Optional[WeightGradients] = None   # quantised bases: W0's gradient from hooks
+        self._squares: dict[str, torch.Tensor] = {}     # micro_batch: this step's Σ g_mb², from tensor hooks
+        self._handles: list = []
 
     def _layers(self, trainer: Any) -> dict[str, RoSALinear]:
         return {n: m for n, m in adapter_layers(trainer.unwrapped()).items() if isinstance(m, RoSALinear)}
@@ -165,6 +174,10 @@ class SparseMaskSchedule(Callback):
         """Make the backward pass compute W0's gradient (``requires_grad``; hooks on a quantised base)."""
         layers = self._layers(trainer)
         if any(is_quantized(layer.base) for layer in layers.values()):
+            if self.per_micro_batch:
+                raise ConfigError("adapter.fisher=micro_batch needs W0's gradient per micro-batch, which a quantised "
+                                  "base does not give (its W0 gradient comes from hooks, summed per step). Use "
+                                  "adapter.fisher=step, or model.quantization=none.")
             if on and self._hooks is None:
                 self._hooks = WeightGradients(layers, store=trainer.accelerator.device).__enter__()
             elif not on and self._hooks is not None:
@@ -174,6 +187,17 @@ class SparseMaskSchedule(Callback):
         for layer in layers.values():
             layer.base.weight.requires_grad_(on)
             layer.base.weight.grad = None
+        for handle in self._handles:
+            handle.remove()
+        self._handles = [layer.base.weight.register_hook(self._square_hook(name))
+                         for name, layer in layers.items()] if on and self.per_micro_batch else []
+
+    def _square_hook(self, name: str):
+        """Add the square of each micro-batch's W0 gradient as it arrives (before it is accumulated)."""
+        def add(grad: torch.Tensor) -> None:
+            square = grad.float().pow(2)
+            self._squares[name] = square if name not in self._squares else self._squares[name] + square
+        return add
 
     def _step_gradients(self, trainer: Any) -> dict[str, torch.Tensor]:
         """This step's W0 gradient of every layer (summed over micro-batches), cleared for the next."""
@@ -195,10 +219,15 @@ class SparseMaskSchedule(Callback):
             return
         acc = trainer.accelerator
         for name, grad in self._step_gradients(trainer).items():
-            if acc.num_processes > 1:   # W0 is not a DDP parameter: average it like DDP would
-                grad = acc.reduce(grad, "mean")
+            if self.per_micro_batch:    # the squares were taken per micro-batch; every process's count
+                square = self._squares.pop(name)
+                square = acc.reduce(square, "sum") if acc.num_processes > 1 else square
+            else:
+                if acc.num_processes > 1:   # W0 is not a DDP parameter: average it like DDP would
+                    grad = acc.reduce(grad, "mean")
+                square = grad.pow(2)
             previous = self.fisher.get(name)
-            self.fisher[name] = grad.pow(2) if previous is None else previous.to(grad.device) + grad.pow(2)
+            self.fisher[name] = square if previous is None else previous.to(square.device) + square
 
     def after_optimizer_step(self, trainer: Any) -> None:
         step = trainer.step
