@@ -163,6 +163,40 @@ def test_parity_with_peft_dora(minilm_cfg) -> None:
     assert torch.allclose(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, atol=1e-5)
 
 
+def test_dropout_in_training_matches_peft_dora() -> None:
+    """adapter.dropout > 0 in training: the W0 term of the rescaling sees the dropped input, as in the
+    authors' code and PEFT (``W0 x + b + (c−1)·W0·drop(x) + c·s·BA·drop(x)``). Same dropout mask (same
+    seed, one draw per forward on both sides): the same output and gradients of A, B, m."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(16, 12))
+    ours = DoRAConfig(r=4, alpha=8, dropout=0.3).wrap(copy.deepcopy(base[0]))
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3,
+                                                                       target_modules=["0"], use_dora=True))
+    module = theirs.base_model.model[0]
+    with torch.no_grad():
+        ours.lora_B.normal_(std=0.2)
+        ours.magnitude.mul_(1.3)
+        module.lora_A["default"].weight.copy_(ours.lora_A)
+        module.lora_B["default"].weight.copy_(ours.lora_B)
+        module.lora_magnitude_vector["default"].weight.copy_(ours.magnitude)
+    ours.train(), theirs.train()
+    x = torch.randn(5, 16)
+    torch.manual_seed(3)
+    y_ours = ours(x)
+    torch.manual_seed(3)
+    y_theirs = theirs(x)
+    assert torch.allclose(y_ours, y_theirs, atol=1e-5)
+    with torch.no_grad():
+        assert not torch.allclose(ours.eval()(x), y_ours, atol=1e-3)   # the dropout really acted
+    (y_ours * torch.arange(12.0)).sum().backward()
+    (y_theirs * torch.arange(12.0)).sum().backward()
+    pairs = ((ours.lora_A, module.lora_A["default"].weight), (ours.lora_B, module.lora_B["default"].weight),
+             (ours.magnitude, module.lora_magnitude_vector["default"].weight))
+    for mine, peft_param in pairs:
+        assert torch.allclose(mine.grad, peft_param.grad, atol=1e-5)
+
+
 @pytest.mark.parametrize("recompute", ["true", "false"])
 @pytest.mark.parametrize("precision", ["autocast", "bf16_base"])
 def test_half_precision_matches_float32(recompute: str, precision: str) -> None:

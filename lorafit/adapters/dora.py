@@ -25,6 +25,11 @@ output-sized tensor per layer, kept or recomputed; ``adapter.recompute`` chooses
 * recompute: nothing output-sized is kept; ``Σ_t g_i pre_i = Σ_j W0_ij (gᵀx)_ij + Σ_k B_ik (gᵀh)_ik``
   from x and h (kept for the factors' gradients anyway): one ``tokens × in × out`` product.
 
+With adapter dropout in training (``adapter.dropout > 0``) the form is the authors' and PEFT's: the
+W0 term of the rescaling sees the dropped input too, ``y = W0 x + b + (c − 1) ⊙ W0 drop(x) +
+c ⊙ s·B A drop(x)`` (:meth:`DoRALinear.forward_dropped`; plain autograd, two base products). Without
+dropout, or in eval, both forms are ``c ⊙ (W0 x + s·B A x) + b``.
+
 ``recompute: auto`` (the default) recomputes in the square layers (in = out: the attention
 projections of BERT and Llama, k/v only without grouped-query attention), where the product is the
 cheapest per value not kept, and keeps the output elsewhere: the wide MLP outputs are kept by their
@@ -139,6 +144,8 @@ class DoRALinear(LoRALinear):
             return self.original_output(x)
         if self.merged:
             return self.base(x)
+        if self.training and isinstance(self.dropout, nn.Dropout):
+            return self.forward_dropped(x)
         if is_quantized(self.base):
             return self.forward_quantized(x)
         x2 = x.reshape(-1, x.shape[-1])                                   # (tokens, in)
@@ -146,6 +153,18 @@ class DoRALinear(LoRALinear):
         y = DoRAProduct.apply(x2, h, self.lora_B, self.magnitude, self.row_norm(), self.base.weight,
                               self.base.bias, self.recompute)
         return y.view(*x.shape[:-1], y.shape[-1])
+
+    def forward_dropped(self, x: torch.Tensor) -> torch.Tensor:
+        """Training with adapter dropout, as the authors' code and PEFT compute it:
+        ``y = W0 x + b + (c − 1) ⊙ W0 drop(x) + c ⊙ s·B A drop(x)``, ``c = m / n`` (n detached)."""
+        dropped = self.dropout(x)
+        out = self.base(x)
+        w0_dropped = self.base(dropped)
+        if self.base.bias is not None:
+            w0_dropped = w0_dropped - self.base.bias.to(w0_dropped.dtype)
+        low_rank = F.linear(F.linear(dropped.to(self.lora_A.dtype), self.lora_A) * self.scaling, self.lora_B)
+        c = self.magnitude / self.row_norm().detach()
+        return out + ((c - 1) * w0_dropped + c * low_rank).to(out.dtype)
 
     def forward_quantized(self, x: torch.Tensor) -> torch.Tensor:
         """The same output on a quantised base, through the base layer's own product (its weight is
