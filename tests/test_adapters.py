@@ -564,3 +564,24 @@ def test_adalora_refuses_a_kept_triplets_set_by_hand() -> None:
     with pytest.raises(ConfigError, match=r"adapter.kept_triplets is written by training"):
         allocator.on_train_start(SimpleNamespace(total_steps=10))
     RankAllocator(make_config("adalora")).on_train_start(SimpleNamespace(total_steps=10))
+
+
+@torch.no_grad()
+def test_spectral_r_trained_scale_multiplies_the_rotated_singular_values() -> None:
+    """adapter.train_scale: W' = U cay(X_U) diag(λ ⊙ S) (V cay(X_V))ᵀ + W_rest, the identity at λ = 1;
+    measured through the layer's forward on the identity matrix, against the formula written here."""
+    from lorafit.adapters.spectral import cayley
+
+    torch.manual_seed(0)
+    layer = SpectralConfig(r=3, mode="rotation", train_scale=True).wrap(nn.Linear(8, 6))
+    base = layer.base.weight.clone()
+    eye = torch.eye(8)
+    assert max_diff(layer(eye) - layer.base.bias, base.T) <= 1e-5          # λ = 1, X = 0: W0
+    layer.spectral_XU.normal_(std=0.3), layer.spectral_XV.normal_(std=0.3), layer.spectral_scale.uniform_(0.5, 2)
+    U, S, V = layer.spectral_U, layer.spectral_S, layer.spectral_V
+    U2, V2 = U @ cayley(layer.spectral_XU), V @ cayley(layer.spectral_XV)
+    want = base - (U * S) @ V.T + (U2 * (layer.spectral_scale * S)) @ V2.T
+    assert max_diff(layer(eye) - layer.base.bias, want.T) <= 1e-5
+    assert max_diff(layer.merged_weight(), want) <= 1e-5
+    with pytest.raises(Exception, match=r"train_scale"):
+        SpectralConfig(r=3, train_scale=True)

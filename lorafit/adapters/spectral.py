@@ -8,12 +8,14 @@ SVD's signs), ``W_rest = W0 − U_r diag(S_r) V_rᵀ``.
   trainable ``B_U ∈ R^{out×r}``, ``B_V ∈ R^{in×r}`` (r·(out+in) numbers, as LoRA), both 0 at start.
 - Spectral-R (rotation, ``adapter=spectral_r``): ``U_r ← U_r cay(X_U)``, ``V_r ← V_r cay(X_V)``
   with the Cayley map ``cay(X) = (I − K)(I + K)^{-1}``, ``K = (X − Xᵀ)/2``, which keeps both
-  orthonormal; trainable ``X_U, X_V ∈ R^{r×r}`` (2r² numbers), 0 at start (cay(0) = I).
+  orthonormal; trainable ``X_U, X_V ∈ R^{r×r}`` (2r² numbers), 0 at start (cay(0) = I). With
+  ``adapter.train_scale=true``, as the authors' rotation code does, also a multiplicative scale
+  ``λ ∈ R^r`` on the top-r singular values (1 at start): ``S_r ← λ ⊙ S_r`` in the tuned part.
 
 No α/r factor (methods.md). The forward never forms an out×in matrix: with ``h = x V_r`` (…, r),
 
     A:  y = W0 x + b + (U_r + B_U)(S ⊙ x B_V) + B_U (S ⊙ h)
-    R:  y = W0 x + b + U_r [cay(X_U) (S ⊙ cay(X_V)ᵀ h) − S ⊙ h]
+    R:  y = W0 x + b + U_r [cay(X_U) (λ ⊙ S ⊙ cay(X_V)ᵀ h) − S ⊙ h]      (λ = 1 without train_scale)
 
 (row-vector form in the code), both exactly W0 x + b while the trainable tensors are zero.
 """
@@ -27,7 +29,7 @@ import torch
 from torch import nn
 
 from lorafit.adapters import AdditiveAdapter
-from lorafit.config import check_choice, check_range
+from lorafit.config import ConfigError, check_choice, check_range
 from lorafit.quant import dense_weight
 
 MODES = ("additive", "rotation")
@@ -40,16 +42,22 @@ class SpectralConfig:
     Attributes:
         r: number of top singular vectors tuned. Default: 8.
         mode: ``additive`` (Spectral-A) or ``rotation`` (Spectral-R, Cayley-parametrised).
+        train_scale: rotation only: also train a scale on the top-r singular values (1 at start), as
+            the authors' rotation code does. Default: false.
         target_modules: name patterns of the layers to adapt (null: the architecture's defaults).
     """
 
     r: int = 8
     mode: str = "additive"
+    train_scale: bool = False
     target_modules: Optional[list[str]] = None
 
     def __post_init__(self) -> None:
         check_range("adapter.r", self.r, 1)
         check_choice("adapter.mode", self.mode, MODES)
+        if self.train_scale and self.mode != "rotation":
+            raise ConfigError("adapter.train_scale=true scales the rotated singular values of Spectral-R "
+                              "(adapter=spectral_r); Spectral-A has no such scale. Drop it, or use adapter=spectral_r.")
 
     def check(self, name: str, layer: nn.Module) -> Optional[str]:
         if not isinstance(layer, nn.Linear):
@@ -59,7 +67,7 @@ class SpectralConfig:
         return None
 
     def wrap(self, layer: nn.Linear) -> "SpectralLinear":
-        return SpectralLinear(layer, self.r, self.mode)
+        return SpectralLinear(layer, self.r, self.mode, self.train_scale)
 
 
 def cayley(X: torch.Tensor) -> torch.Tensor:
@@ -72,7 +80,7 @@ def cayley(X: torch.Tensor) -> torch.Tensor:
 class SpectralLinear(AdditiveAdapter):
     """A frozen ``nn.Linear`` whose top-r singular vectors are tuned (additively or by rotation)."""
 
-    def __init__(self, base: nn.Linear, r: int, mode: str = "additive") -> None:
+    def __init__(self, base: nn.Linear, r: int, mode: str = "additive", train_scale: bool = False) -> None:
         super().__init__()
         self.base = base
         self.r = r
@@ -89,6 +97,8 @@ class SpectralLinear(AdditiveAdapter):
         else:
             self.spectral_XU = nn.Parameter(torch.zeros(r, r, **factory))
             self.spectral_XV = nn.Parameter(torch.zeros(r, r, **factory))
+            if train_scale:
+                self.spectral_scale = nn.Parameter(torch.ones(r, **factory))
         self.merged = False
         self.disabled = False
 
@@ -98,17 +108,22 @@ class SpectralLinear(AdditiveAdapter):
             return self.spectral_U + self.spectral_BU, self.spectral_V + self.spectral_BV
         return self.spectral_U @ cayley(self.spectral_XU), self.spectral_V @ cayley(self.spectral_XV)
 
+    def tuned_values(self) -> torch.Tensor:
+        """λ ⊙ S_r: the top-r singular values as tuned (S_r without train_scale)."""
+        scale = getattr(self, "spectral_scale", None)
+        return self.spectral_S if scale is None else self.spectral_S * scale
+
     def delta_weight(self) -> torch.Tensor:
-        """ΔW = U_r' diag(S) V_r'ᵀ − U_r diag(S) V_rᵀ (fp32, out×in)."""
+        """ΔW = U_r' diag(λ S) V_r'ᵀ − U_r diag(S) V_rᵀ (fp32, out×in)."""
         U2, V2 = self.tuned_factors()
         S = self.spectral_S
-        return (U2 * S) @ V2.T - (self.spectral_U * S) @ self.spectral_V.T
+        return (U2 * self.tuned_values()) @ V2.T - (self.spectral_U * S) @ self.spectral_V.T
 
     def low_rank_update(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``([U' diag(S), −U diag(S)], [V'ᵀ; Vᵀ])``: rank ≤ 2r."""
+        """``([U' diag(λS), −U diag(S)], [V'ᵀ; Vᵀ])``: rank ≤ 2r."""
         U2, V2 = self.tuned_factors()
         S, U, V = self.spectral_S, self.spectral_U, self.spectral_V
-        return torch.cat([U2 * S, -U * S], 1).detach(), torch.cat([V2.T, V.T]).detach()
+        return torch.cat([U2 * self.tuned_values(), -U * S], 1).detach(), torch.cat([V2.T, V.T]).detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
@@ -121,7 +136,7 @@ class SpectralLinear(AdditiveAdapter):
             BU, BV = self.spectral_BU, self.spectral_BV
             delta = ((xf @ BV) * S) @ (U + BU).T + (h * S) @ BU.T
         else:
-            rotated = ((h @ cayley(self.spectral_XV)) * S) @ cayley(self.spectral_XU).T
+            rotated = ((h @ cayley(self.spectral_XV)) * self.tuned_values()) @ cayley(self.spectral_XU).T
             delta = (rotated - h * S) @ U.T
         return out + delta.to(out.dtype)
 
