@@ -95,7 +95,7 @@ def peft_meta(folder: Path) -> dict[str, Any]:
     config = read_peft_config(folder)
     state = peft_state(folder)
     targets = sorted(key[: -len(".lora_A")] for key in state if key.endswith(".lora_A"))
-    heads = sorted({key.split(".")[0] for key in state if not key.endswith(tuple(KEYS.values()))})
+    heads = sorted({key.rpartition(".")[0] for key in state if not key.endswith(tuple(KEYS.values()))})
     task, num_labels = TASKS[config["task_type"]], 2
     if task == "classification":
         head = next((state[f"{h}.weight"] for h in ("classifier", "score", "classifier.out_proj")
