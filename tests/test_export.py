@@ -304,3 +304,21 @@ def test_adalora_keeps_its_masks_under_a_name_peft_does_not_use(bases, tmp_path:
     meta["adapter"]["rank_pattern"] = meta["adapter"].pop("kept_triplets")
     (folder / ADAPTER_CONFIG).write_text(json.dumps(meta))
     load_adapted(folder)
+
+
+def test_an_adalora_layer_pruned_to_rank_zero_leaves_target_modules(bases, tmp_path: Path) -> None:
+    """PEFT refuses r=0, so a layer whose every triplet was pruned (ΔW = 0) is left out of the folder."""
+    model_cfg, task = bases["llama"]
+    assembled = assemble(model_cfg, make_config("adalora"), None, task, 2, seed=0)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in assembled.layers.values():
+            perturb(layer, gen)
+        pruned = next(iter(assembled.layers))
+        assembled.layers[pruned].apply_mask(torch.zeros(assembled.layers[pruned].r, dtype=torch.bool))
+        expected = assembled.model.eval()(**probe(assembled.tokenizer)).logits
+    save_adapter(tmp_path / "run" / "adapter", assembled.model, assembled.meta)
+    export(str(tmp_path / "run"), str(tmp_path / "peft"), "peft")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert pruned not in config["target_modules"] and len(config["target_modules"]) == len(assembled.layers) - 1
+    assert relative(peft_logits(bases["llama"], tmp_path / "peft"), expected) <= 1e-4
