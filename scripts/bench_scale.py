@@ -48,12 +48,13 @@ import os
 import resource
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench_adapters import RSSPoller as Poller, _rss_bytes as rss  # noqa: E402  (the one RSS poller of the benches)
 
 SHAPES = {
     "1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
@@ -69,31 +70,6 @@ SETTINGS = {  # dtype, quantization, checkpointing
     "nf4_ckpt": ("float32", "nf4", True),
 }
 MiB = 2 ** 20
-
-
-def rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class Poller:
-    def __init__(self, interval: float = 0.005) -> None:
-        self.peak, self.interval, self._stop = rss(), interval, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss())
-            time.sleep(self.interval)
-
-    def __enter__(self) -> "Poller":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss())
 
 
 def write_model(folder: Path, shape: str) -> None:

@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from conftest import TINY_LLAMA_BUILD
+from test_train import cli
 from lorafit.adapters import adapter_layers, adapters_disabled, fold_into_base
 from lorafit.config import ConfigError, ModelConfig, package_dir
 from lorafit.models import load_model, load_tokenizer, save_base
@@ -41,22 +42,6 @@ QUANT_REFUSED = {"bat": "Bat forms the dense W0 + ΔW"}
 INITS = ["kaiming", "gaussian", "pissa", "milora", "olora", "lora_ga"]
 TINY = ("model=tiny_llama", "progress=false", "eval_at_start=false", "log_every=1")
 SENTIMENT = ("data=sentiment_demo", "data.max_train_examples=16", "data.max_eval_examples=8", "data.batch_size=8")
-
-
-def cli(*argv: str) -> tuple[int, str]:
-    import contextlib
-    import io
-
-    from lorafit.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    code = None
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main(list(argv))
-        except SystemExit as exc:
-            code = exc.code
-    return code, " ".join((out.getvalue() + "\n" + err.getvalue()).split())
 
 
 @pytest.fixture(scope="module")

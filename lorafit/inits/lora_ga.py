@@ -125,11 +125,7 @@ def gradient_sums(model: nn.Module, layers: dict[str, LoRALinear], batches: Iter
     was_training = model.training
     model.eval()
     try:
-        with Progress(console=console, transient=True, disable=not show) as progress:
-            task = progress.add_task("LoRA-GA gradients", total=total)
-            for batch in batches:
-                loss_of(batch).backward()
-                progress.advance(task)
+        backward_over(batches, loss_of, total, show)
     finally:
         for handle in handles:
             handle.remove()
@@ -140,6 +136,16 @@ def gradient_sums(model: nn.Module, layers: dict[str, LoRALinear], batches: Iter
             p.requires_grad_(True)
         model.train(was_training)
     return sums
+
+
+def backward_over(batches: Iterable[dict[str, torch.Tensor]], loss_of: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+                  total: Optional[int], show: bool) -> None:
+    """One backward pass per batch, with a progress bar (the hooks set up by the caller collect)."""
+    with Progress(console=console, transient=True, disable=not show) as progress:
+        task = progress.add_task("LoRA-GA gradients", total=total)
+        for batch in batches:
+            loss_of(batch).backward()
+            progress.advance(task)
 
 
 def _quantized_gradient_sums(model: nn.Module, layers: dict[str, LoRALinear], batches: Iterable[dict[str, torch.Tensor]],
@@ -153,12 +159,8 @@ def _quantized_gradient_sums(model: nn.Module, layers: dict[str, LoRALinear], ba
     was_training = model.training
     model.eval()
     try:
-        with WeightGradients(layers) as collected, Progress(console=console, transient=True,
-                                                            disable=not show) as progress:
-            task = progress.add_task("LoRA-GA gradients", total=total)
-            for batch in batches:
-                loss_of(batch).backward()
-                progress.advance(task)
+        with WeightGradients(layers) as collected:
+            backward_over(batches, loss_of, total, show)
     finally:
         for p in trainable:
             p.requires_grad_(True)
