@@ -455,3 +455,26 @@ def test_rl_refuses_packing() -> None:
                                      "data=chat", "data.path=chats.jsonl", "data.packing=true"]))
     with pytest.raises(ConfigError, match=r"data.packing=false"):
         cfg.task.prepare(cfg)
+
+
+def test_token_rows_on_the_output_layer_give_the_grown_matrix_and_its_gradients() -> None:
+    """The new output rows are added in place to the frozen layer's logits: output, input gradient and
+    row gradient equal those of the plain matrix with the rows added (the reference written here)."""
+    from torch import nn
+
+    from lorafit.adapters.tokens import TokenRows
+
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 10, bias=False).requires_grad_(False)
+    rows = TokenRows(layer, 8, 2)
+    rows.token_rows.data.normal_()
+    x = torch.randn(3, 4, requires_grad=True)
+    weights = torch.arange(10.0)
+    (rows(x) * weights).sum().backward()
+    grown = layer.weight.clone()
+    grown[8:10] += rows.token_rows.detach()
+    x_ref = x.detach().clone().requires_grad_(True)
+    out_ref = x_ref @ grown.T
+    (out_ref * weights).sum().backward()
+    assert torch.allclose(rows(x), out_ref, atol=1e-6) and torch.allclose(x.grad, x_ref.grad, atol=1e-6)
+    assert torch.allclose(rows.token_rows.grad, weights[8:10, None] * x.detach().sum(0), atol=1e-5)

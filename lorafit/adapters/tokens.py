@@ -49,7 +49,8 @@ class TokenRows(nn.Module):
             extra = F.embedding((x - first).clamp(0, end - first - 1), self.token_rows) * new.unsqueeze(-1)
             return out + extra.to(out.dtype)
         extra = F.linear(x.to(self.token_rows.dtype), self.token_rows)   # x: hidden states → the new logits
-        return torch.cat([out[..., :first], out[..., first:end] + extra.to(out.dtype), out[..., end:]], dim=-1)
+        out[..., first:end] += extra.to(out.dtype)       # in place: no second batch × length × vocab tensor
+        return out
 
     def merged_weight(self) -> torch.Tensor:
         weight = self.base.weight.float().clone()
