@@ -20,7 +20,7 @@ and it offers int8 as well; on CPU it runs a plain-PyTorch fallback (≥ 0.46), 
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -125,7 +125,3 @@ class WeightGradients:
         total = self.sums.get(name)
         self.sums[name] = grad.to(self.store) if total is None else total + grad.to(self.store)
 
-
-def quantized_layers(model: nn.Module) -> Iterable[str]:
-    """Names of the quantised linear layers of ``model``."""
-    return [name for name, module in model.named_modules() if is_quantized(module)]

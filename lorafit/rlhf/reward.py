@@ -232,12 +232,6 @@ def pairwise_metrics(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> dict[s
             "loss": float(-F.logsigmoid(margin).mean()), "n": int(margin.numel())}
 
 
-def score_texts(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int,
-                batch_size: int, device: torch.device) -> torch.Tensor:
-    """Rewards of formatted conversations (``format_conversation``), in order, shape ``(n,)``."""
-    return score_ids(model, tokenizer, [encode_text(tokenizer, t, max_length) for t in texts], batch_size, device)
-
-
 def score_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase, encoded: list[list[int]], batch_size: int,
               device: torch.device) -> torch.Tensor:
     """Rewards of encoded conversations (:func:`encode_responses`), in order, shape ``(n,)``."""

@@ -82,12 +82,6 @@ def shard(model: nn.Module, device: torch.device) -> str:
             f"across {dist.get_world_size()} processes; this process holds {local:,} of {total:,} values")
 
 
-def is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in model.parameters())
-
-
 def full_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``state`` with every DTensor gathered into a plain tensor (a collective: all processes call it)."""
     from torch.distributed.tensor import DTensor
