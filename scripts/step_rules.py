@@ -13,11 +13,17 @@ axis is the point). The rules and their settings (``RULES``):
 - ``loraplus``: lr_A 2.5e-4, λ = 16 (lr_B = 4e-3), linear decay;
 - ``reflora``: lr 1e-3, preconditioning after a 10-step warm-up (the default 100 would leave a
   100-step run unpreconditioned);
-- ``ctr``: the defaults (GGN curvature, Euclidean trust region, Δ0 = 0.1, ≤ 10 CG iterations).
+- ``ctr``: the defaults (GGN curvature, Euclidean trust region, Δ0 = 0.1, ≤ 5 CG iterations,
+  curvature products on a quarter of the batch);
+- ``ctr_full``: curvature products on the whole batch with ≤ 10 CG iterations (the defaults before
+  the cost change), for the side-by-side comparison.
 
 A finished run (``results.json`` present) is not run again. The table gives the mean training loss
 over the first and last 10 % of steps, dev accuracy at the end, wall time, time per step relative to
-AdamW, and CTR's acceptance rate and mean CG iterations.
+AdamW, and CTR's acceptance rate and mean CG iterations. Time per step is given twice: wall-clock
+(meaningful on a quiet machine) and process CPU seconds (``cpu_s`` of ``metrics.jsonl``; with
+``--threads 1`` it is the wall time a quiet machine would show, and it does not move when other
+work shares the CPUs), each as a ratio to AdamW's.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ RULES = {
     "loraplus": ["optimizer=loraplus", "optimizer.lr=2.5e-4", "optimizer.ratio=16"],
     "reflora": ["optimizer=reflora", "optimizer.lr=1e-3", "optimizer.warmup=10"],
     "ctr": ["optimizer=ctr"],
+    "ctr_full": ["optimizer=ctr", "optimizer.curvature_batch=1.0", "optimizer.cg_iters=10"],
 }
 TASK_DIR = {"sst2": "SST-2", "rte": "RTE"}
 
@@ -64,7 +71,8 @@ def summarise(name: str, out: Path) -> dict:
     row = {"name": name, "steps": [r["step"] for r in train], "loss": [r["loss"] for r in train],
            "wall": [r["elapsed_s"] for r in train], "acc": evals[-1].get("eval/accuracy") if evals else None,
            "loss_first": mean([r["loss"] for r in train[:tenth]]), "loss_last": mean([r["loss"] for r in train[-tenth:]]),
-           "train_s": train[-1]["elapsed_s"] if train else float("nan")}
+           "train_s": train[-1]["elapsed_s"] if train else float("nan"),
+           "cpu_s": train[-1].get("cpu_s", float("nan")) if train else float("nan")}
     if train and "accepted" in train[0]:
         row["accept_rate"] = mean([r["accepted"] for r in train])
         row["cg_iters"] = mean([r["cg_iters"] for r in train])
@@ -74,17 +82,20 @@ def summarise(name: str, out: Path) -> dict:
 
 def markdown(rows: list[dict]) -> str:
     base = next((r["train_s"] / len(r["steps"]) for r in rows if r["name"] == "adamw"), None)
+    base_cpu = next((r["cpu_s"] / len(r["steps"]) for r in rows if r["name"] == "adamw"), None)
     lines = ["| rule | settings | loss, first 10 % | loss, last 10 % | dev accuracy | wall time | s/step | "
-             "× AdamW | accepted | CG iters |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "× AdamW | CPU s/step | × AdamW (CPU) | accepted | CG iters |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
-        per_step = row["train_s"] / len(row["steps"])
+        per_step, cpu_step = row["train_s"] / len(row["steps"]), row["cpu_s"] / len(row["steps"])
         ratio = f"{per_step / base:.2f}" if base else "–"
+        cpu_ratio = f"{cpu_step / base_cpu:.2f}" if base_cpu else "–"
         acc = f"{row['acc']:.4f}" if row["acc"] is not None else "–"
         accepted = f"{row['accept_rate']:.0%}" if "accept_rate" in row else "–"
         cg = f"{row['cg_iters']:.1f}" if "cg_iters" in row else "–"
         settings = " ".join(RULES[row["name"]][1:]) or "defaults"
         lines.append(f"| {row['name']} | {settings} | {row['loss_first']:.4f} | {row['loss_last']:.4f} | {acc} | "
-                     f"{row['train_s']:.0f} s | {per_step:.2f} | {ratio} | {accepted} | {cg} |")
+                     f"{row['train_s']:.0f} s | {per_step:.2f} | {ratio} | {cpu_step:.2f} | {cpu_ratio} | {accepted} | {cg} |")
     return "\n".join(lines)
 
 

@@ -226,10 +226,47 @@ def test_gauss_newton_through_dora_and_attention_matches_the_explicit_jacobian(m
     torch.testing.assert_close(got, J.T @ (H_L @ (J @ v)), rtol=1e-9, atol=1e-12)
 
 
-def test_whitened_utility_of_rank_components() -> None:
-    A, B = torch.arange(6.0).view(2, 3), torch.arange(8.0).view(4, 2)   # r = 2
-    got = component_utility([A, B], [(0, 1, 2)])
-    torch.testing.assert_close(got, 0.5 * torch.stack([A[0].sum() + B[:, 0].sum(), A[1].sum() + B[:, 1].sum()]))
+def test_component_utility_is_the_diagonal_newton_decrease_per_factor() -> None:
+    g_sq = [torch.arange(6.0).view(2, 3), torch.arange(8.0).view(4, 2)]          # A: r=2 × 3, B: 4 × r=2
+    h = [torch.tensor([[1.0, 2.0, 3.0], [0.0, -4.0, 1.0]]), torch.full((4, 2), 0.5)]
+    got = component_utility(g_sq, h, [(0, 1, 2)])
+    h_a = torch.tensor([2.0, 0.0])                 # row means of A's curvature, the second clamped at 0
+    h_b = torch.tensor([0.5, 0.5])
+    floor = 1e-3 * torch.cat([h_a, h_b]).mean()
+    want = 0.5 * (g_sq[0].sum(1) / (h_a + floor) + g_sq[1].sum(0) / (h_b + floor))
+    torch.testing.assert_close(got, want)
+
+
+def test_rank_budget_goes_where_the_predicted_decrease_is_largest() -> None:
+    """The issue's case: an 8×8 layer whose components promise a large decrease (½‖g‖² ≈ 92 in all)
+    and a 64×64 layer with small gradients, at the same curvature. The old score ½Σ g²/F with
+    F ≈ g² (a count of entries) kept the wide layer; the decrease ½‖g‖²/(h + λ) keeps the small one."""
+    gen = torch.Generator().manual_seed(0)
+    r = 4
+    small = [torch.randn(r, 8, generator=gen) * 1.7, torch.randn(8, r, generator=gen) * 1.7]
+    wide = [torch.randn(r, 64, generator=gen) * 0.2, torch.randn(64, r, generator=gen) * 0.2]
+    grads = small + wide
+    g_sq = [g * g for g in grads]
+    h = [torch.ones_like(g) for g in grads]
+    components = [(0, 1, r), (2, 3, r)]
+    utility = component_utility(g_sq, h, components)
+    assert torch.equal(ctr.top_components(utility, 0.5), torch.tensor([True] * r + [False] * r))
+    whitened = component_utility([torch.ones_like(g) for g in grads], h, components)   # g²/F ≡ 1: entry counts
+    assert torch.equal(ctr.top_components(whitened, 0.5), torch.tensor([False] * r + [True] * r))
+    # and the budget follows the curvature: the same gradients, the small layer 100× stiffer
+    stiff = [100 * t for t in h[:2]] + h[2:]
+    assert ctr.top_components(component_utility(g_sq, stiff, components), 0.5)[r:].all()
+
+
+def test_hutchinson_probe_estimates_the_curvature_diagonal() -> None:
+    D = torch.tensor([3.0, 0.5, 2.0, 7.0], dtype=F64)
+    exact = ctr.hutchinson_diagonal(lambda v: D * v, torch.zeros(4, dtype=F64), seed=1)
+    torch.testing.assert_close(exact, D)                      # v² = 1: exact for a diagonal H
+    H = spd(5, 3)
+    probes = torch.stack([ctr.hutchinson_diagonal(lambda v: H @ v, torch.zeros(5, dtype=F64), seed=s)
+                          for s in range(4000)])
+    torch.testing.assert_close(probes.mean(0), torch.diagonal(H), rtol=0.1, atol=0.1)
+    assert torch.equal(probes[7], ctr.hutchinson_diagonal(lambda v: H @ v, torch.zeros(5, dtype=F64), seed=7))
 
 
 # --------------------------------------------------------------------------- 4. inside lorafit train
@@ -422,21 +459,23 @@ def test_actual_reduction_is_the_loss_drop_at_the_trial_point(run_cli, tmp_path:
     assert max(abs(g["before"] - g["after"] - g["pred_reduction"]) / g["pred_reduction"] for g in seen) > 0.25
 
 
-def whitened_utility(history: list[dict[str, torch.Tensor]], layers: dict[str, nn.Module],
-                     beta: float) -> torch.Tensor:
-    """Today's CTR utility of every rank-1 component after the steps in ``history`` (each a
-    parameter name → gradient dict over all trainable tensors), written out from its definition:
-    F = EMA_β(g²) per coordinate, floored by 1e-3·mean(F) over all of them; per component i of a
-    layer, u_i = ½ (Σ_j g_A[i, j]² / F_A[i, j] + Σ_k g_B[k, i]² / F_B[k, i]); the utility is
-    EMA_β(u). Components in ``layers`` order, rank index within. (Re-point this one function when
-    the utility becomes another curvature proxy.)"""
-    fisher: dict[str, torch.Tensor] = {}
+def curvature_utility(history: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]],
+                      layers: dict[str, nn.Module], beta: float) -> torch.Tensor:
+    """CTR's utility of every rank-1 component after the steps in ``history`` (each a pair of
+    parameter name → gradient and name → Hutchinson probe v ⊙ Hv), written out from its definition:
+    h = EMA_β(probe) per coordinate; per component i of a layer, h̄_A = mean_j h_A[i, j] and
+    h̄_B = mean_k h_B[k, i] clamped at 0, λ = 10⁻³ × mean of all h̄;
+    u_i = ½ (Σ_j g_A[i, j]² / (h̄_A + λ) + Σ_k g_B[k, i]² / (h̄_B + λ)); the utility is EMA_β(u).
+    Components in ``layers`` order, rank index within."""
+    curvature: dict[str, torch.Tensor] = {}
     utility = None
-    for grads in history:
-        fisher = {n: g * g if n not in fisher else beta * fisher[n] + (1 - beta) * g * g for n, g in grads.items()}
-        floor = 1e-3 * torch.cat([f.reshape(-1) for f in fisher.values()]).mean()
-        score = {n: grads[n] ** 2 / (fisher[n] + floor) for n in grads}
-        now = torch.cat([0.5 * (score[f"{name}.lora_A"][i].sum() + score[f"{name}.lora_B"][:, i].sum()).reshape(1)
+    for grads, probe in history:
+        curvature = {n: p if n not in curvature else beta * curvature[n] + (1 - beta) * p for n, p in probe.items()}
+        h_a = {name: curvature[f"{name}.lora_A"].mean(1).clamp_min(0) for name in layers}
+        h_b = {name: curvature[f"{name}.lora_B"].mean(0).clamp_min(0) for name in layers}
+        floor = 1e-3 * torch.cat([*h_a.values(), *h_b.values()]).mean()
+        now = torch.cat([0.5 * ((grads[f"{name}.lora_A"][i] ** 2).sum() / (h_a[name][i] + floor)
+                                + (grads[f"{name}.lora_B"][:, i] ** 2).sum() / (h_b[name][i] + floor)).reshape(1)
                          for name, layer in layers.items() for i in range(layer.r)])
         utility = now if utility is None else beta * utility + (1 - beta) * now
     return utility
@@ -461,25 +500,36 @@ def test_rank_schedule_keeps_the_components_of_largest_utility(run_cli, tmp_path
     """Kills the mutant ``torch.topk(self.utility, keep)`` → ``torch.topk(-self.utility, keep)`` in
     ``TrustRegionStep._rank_mask`` (the least useful rank-1 components kept trainable).
 
-    The gradients of every step are caught as the step starts (CTR's steps are never clipped); the utility
-    of each rank-1 component (row i of A, column i of B) is computed here from them
-    (:func:`whitened_utility`), and at every re-choice (steps 0 and 2 with ``rank_every=2``) the
+    The gradients of every step are caught as the step starts (CTR's steps are never clipped) and the
+    Hutchinson probe as it is drawn; the utility of each rank-1 component (row i of A, column i of B)
+    is computed here from them (:func:`curvature_utility`), and at every re-choice (steps 0 and 2 with ``rank_every=2``) the
     callback's active set must be the ``round(budget × 112)`` components of largest utility
     (:func:`assert_the_most_useful_components_are_kept`); in between it must not change."""
     from lorafit.adapters import adapter_layers
 
-    real_step = ctr.TrustRegionStep.take_step
-    history: list[dict[str, torch.Tensor]] = []
+    real_step, real_probe = ctr.TrustRegionStep.take_step, ctr.hutchinson_diagonal
+    history: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
     seen: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+    probes: list[torch.Tensor] = []
+
+    def probe_spy(*args, **kwargs):
+        probes.append(real_probe(*args, **kwargs))
+        return probes[-1]
 
     def step_spy(self, trainer, closure):
-        history.append({n: p.grad.detach().double().clone()
-                        for n, p in trainer.unwrapped().named_parameters() if p.requires_grad})
+        named = [(n, p) for n, p in trainer.unwrapped().named_parameters() if p.requires_grad]
+        grads = {n: p.grad.detach().double().clone() for n, p in named}
         step = trainer.step
         real_step(self, trainer, closure)
+        probe, start = {}, 0
+        for n, p in named:
+            probe[n] = probes[-1][start:start + p.numel()].view_as(p).double()
+            start += p.numel()
+        history.append((grads, probe))
         layers = dict(adapter_layers(trainer.unwrapped()))
-        seen.append((step, self.active.clone(), whitened_utility(history, layers, self.cfg.fisher_beta)))
+        seen.append((step, self.active.clone(), curvature_utility(history, layers, self.cfg.fisher_beta)))
 
+    monkeypatch.setattr(ctr, "hutchinson_diagonal", probe_spy)
     monkeypatch.setattr(ctr.TrustRegionStep, "take_step", step_spy)
     run = tmp_path / "run"
     assert (r := run_cli("train", f"output_dir={run}", *TINY, "+optim=ctr", "optimizer.rank_budget=0.25",
@@ -491,3 +541,32 @@ def test_rank_schedule_keeps_the_components_of_largest_utility(run_cli, tmp_path
             assert_the_most_useful_components_are_kept(active, utility, keep=28)
         else:
             assert torch.equal(active, seen[step - 1][1])
+
+
+def test_curvature_products_use_every_fourth_example_of_the_global_batch(run_cli, tmp_path: Path, monkeypatch) -> None:
+    """``optimizer.curvature_batch=0.25``: CG's products see rows 0 and 4 of the step's 8 examples —
+    by position in the global batch, so 4 micro-batches of 2 choose the same rows as one of 8 — while
+    g and both losses of ρ use all 8 (the trainer's loss is L(θ))."""
+    real_operator = ctr.CurvatureOperator
+    seen: list[list[torch.Tensor]] = []
+
+    def operator_spy(pieces, *args, **kwargs):
+        seen.append([piece()[0].detach() for piece in pieces])     # the outputs of each curvature piece
+        return real_operator(pieces, *args, **kwargs)
+
+    monkeypatch.setattr(ctr, "CurvatureOperator", operator_spy)
+    real_every = ctr.TrustRegionStep.take_step
+    full: list[torch.Tensor] = []
+
+    def step_spy(self, trainer, closure):
+        full.append(torch.cat([piece()[0].detach() for piece in closure.pieces]))
+        real_every(self, trainer, closure)
+
+    monkeypatch.setattr(ctr.TrustRegionStep, "take_step", step_spy)
+    for accumulation in (1, 4):
+        seen.clear(), full.clear()
+        run = tmp_path / f"accumulate{accumulation}"
+        assert (r := run_cli("train", f"output_dir={run}", *TINY, "+optim=ctr", "max_steps=1", "model.dropout=0.0",
+                             f"hardware.grad_accum_steps={accumulation}")).code == 0, r.text
+        assert len(full[0]) == 8
+        torch.testing.assert_close(torch.cat(seen[0]), full[0][[0, 4]])

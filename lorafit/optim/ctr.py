@@ -14,21 +14,25 @@ from where:
   (a vjp is linear in its cotangent u, so ``∂(Jᵀu)/∂u · v = J v``) rather than forward-mode AD,
   because custom autograd Functions (DoRA's ``DoRAProduct``) have no forward-mode rule; attention
   runs on PyTorch's math SDPA kernel during curvature products (fused kernels have no double
-  backward). The diagonal-Fisher metric is an EMA of squared gradients (β = ``fisher_beta``),
-  normalised to mean 1 so that Δ keeps the units of a parameter norm. Dropout is switched off (ρ
-  compares two losses of one deterministic function). The rank schedule keeps a budget of rank-1
-  components (row i of A with column i of B) trainable, re-chosen every ``rank_every`` steps by
-  the whitened-gradient utility ``½ Σ g²/F`` (an EMA); the others are frozen, not zeroed, so the
-  model's function never jumps.
+  backward). As in Hessian-free optimisation (Martens 2010), the products are taken on a sub-batch
+  (``curvature_batch``, a quarter of the examples by default) while g and both losses of ρ use
+  the whole batch, and L(θ) is the trainer's own forward. The diagonal-Fisher metric is an EMA of
+  squared gradients (β = ``fisher_beta``), normalised to mean 1 so that Δ keeps the units of a
+  parameter norm. Dropout is switched off (ρ compares two losses of one deterministic function).
+  The rank schedule keeps a budget of rank-1 components (row i of A with column i of B) trainable,
+  re-chosen every ``rank_every`` steps by the predicted decrease of a diagonal-Newton step
+  ``½ ‖g‖²/(h̄ + λ)`` per factor, h̄ the component's mean of a Hutchinson estimate of the curvature
+  diagonal (one probe per step, an EMA; independent of g); the others are frozen, not zeroed, so
+  the model's function never jumps.
 
 One CTR step is one optimizer step of the trainer: g is the gradient of the mean loss over the
 whole global batch (every micro-batch of gradient accumulation, every process), and the curvature
-products and both losses of ρ are taken over exactly that batch, summed over micro-batches and
-all-reduced, so every process computes the same δ and takes the same decision. With one
-micro-batch per process the autograd graph is built once per step and reused by every CG
-iteration; with accumulation it is rebuilt per micro-batch and product (memory of one micro-batch,
-compute × micro-batches). ``max_grad_norm`` clipping does not apply: the trust region bounds the
-step. There is no learning rate (the ``lr`` column of the log reads 0).
+products and L(θ+δ) are taken over that batch (products: its sub-batch), summed over micro-batches
+and all-reduced, so every process computes the same δ and takes the same decision. With one
+curvature micro-batch per process the autograd graph is built once per step and reused by every
+CG iteration; with accumulation it is rebuilt per micro-batch and product (memory of one
+micro-batch, compute × micro-batches). ``max_grad_norm`` clipping does not apply: the trust region
+bounds the step. There is no learning rate (the ``lr`` column of the log reads 0).
 
 The numerics (CG, the ρ rule, curvature products) are :mod:`lorafit.optim.trust_region`; this file
 holds the config, the rank schedule and :class:`TrustRegionStep`, the callback that owns the
@@ -63,8 +67,11 @@ class CTRConfig:
         eta1 / eta2: reject below η1; grow at the boundary at or above η2.
         grow / shrink: γ1 (> 1) and γ2 (< 1).
         cg_iters: the most CG iterations per step; cg_tol: stop when ‖r‖ ≤ cg_tol·‖g‖.
+        curvature_batch: fraction of the step's examples the curvature products are taken on
+            (every round(1/f)-th example of the global batch; 1.0 = all); g and ρ use the whole batch.
         damping: λ added to the curvature (H + λI); 0 keeps the model exact.
-        fisher_beta: EMA factor of the squared-gradient Fisher (metric and rank utility).
+        fisher_beta: EMA factor of the squared-gradient Fisher metric and of the rank schedule's
+            curvature diagonal and utility.
         rank_budget: fraction of rank-1 components kept trainable (1.0 = no rank schedule).
         rank_every: re-choose the trainable components every this many steps.
     """
@@ -77,8 +84,9 @@ class CTRConfig:
     eta2: float = 0.75
     grow: float = 2.0
     shrink: float = 0.5
-    cg_iters: int = 10
+    cg_iters: int = 5
     cg_tol: float = 0.1
+    curvature_batch: float = 0.25
     damping: float = 0.0
     fisher_beta: float = 0.95
     rank_budget: float = 1.0
@@ -95,14 +103,16 @@ class CTRConfig:
         check_range("optimizer.shrink", self.shrink, 0, 1, low_inclusive=False, high_inclusive=False)
         check_range("optimizer.cg_iters", self.cg_iters, 1)
         check_range("optimizer.cg_tol", self.cg_tol, 0, 1, low_inclusive=False)
+        check_range("optimizer.curvature_batch", self.curvature_batch, 0, 1, low_inclusive=False)
         check_range("optimizer.damping", self.damping, 0)
         check_range("optimizer.fisher_beta", self.fisher_beta, 0, 1, high_inclusive=False)
         check_range("optimizer.rank_budget", self.rank_budget, 0, 1, low_inclusive=False)
         check_range("optimizer.rank_every", self.rank_every, 1)
 
     def state_copies(self) -> int:
-        """fp32 vectors over the trainable values alive in a step: g, the Fisher EMA, CG's z, r, d, Hd."""
-        return 6
+        """fp32 vectors over the trainable values alive in a step: g, the Fisher EMA, the curvature
+        diagonal's EMA, CG's z, r, d, Hd."""
+        return 7
 
     def build(self, named_params: list[tuple[str, nn.Parameter]]) -> None:
         """No torch optimizer: :class:`TrustRegionStep` owns the step."""
@@ -128,10 +138,47 @@ def rank_components(model: nn.Module, params: list[torch.Tensor]) -> list[tuple[
     return found
 
 
-def component_utility(scores: list[torch.Tensor], components: list[tuple[int, int, int]]) -> torch.Tensor:
-    """Per rank-1 component (row i of A, column i of B): the sum of the whitened squared gradient
-    ``½ g²/F`` over its entries — the predicted decrease of a Newton step in the diagonal metric."""
-    return torch.cat([0.5 * (scores[a].sum(1) + scores[b].sum(0)) for a, b, _ in components])
+def hutchinson_diagonal(hvp: Any, like: Vector, seed: int) -> Vector:
+    """An unbiased estimate of diag(H) from one Rademacher probe v: ``v ⊙ Hv`` (Hutchinson 1990;
+    E[v_j (Hv)_j] = H_jj since E[v_j v_k] = δ_jk). ``seed`` fixes v, so every process and a resumed
+    run draw the same probe."""
+    gen = torch.Generator().manual_seed(seed)
+    v = (torch.randint(0, 2, like.shape, generator=gen) * 2 - 1).to(like)
+    return v * hvp(v)
+
+
+def component_utility(grad_sq: list[torch.Tensor], curvature: list[torch.Tensor],
+                      components: list[tuple[int, int, int]]) -> torch.Tensor:
+    """The predicted decrease of a diagonal-Newton step on each rank-1 component (row i of A with
+    column i of B), one value per factor:
+
+        u_i = ½ ‖g_A[i,:]‖² / (h̄_A,i + λ) + ½ ‖g_B[:,i]‖² / (h̄_B,i + λ),
+
+    g the step's gradient, h̄ the mean over the factor's entries of the curvature diagonal (clamped
+    at 0; an estimate independent of g), λ = 10⁻³ × the mean of h̄ over all components. Averaging h
+    over a component's entries is what makes one Hutchinson probe usable (the per-entry estimate is
+    noisy, the mean over in + out entries is not); keeping A and B apart is what keeps a factor with
+    no curvature (A while B = 0) from diluting the other's.
+    """
+    def per_factor(t: torch.Tensor, a: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        return (t.sum(1), t.mean(1)) if a else (t.sum(0), t.mean(0))
+
+    g_a, h_a, g_b, h_b = [], [], [], []
+    for a, b, _ in components:
+        (ga, _), (_, ha) = per_factor(grad_sq[a], True), per_factor(curvature[a], True)
+        (gb, _), (_, hb) = per_factor(grad_sq[b], False), per_factor(curvature[b], False)
+        g_a.append(ga), h_a.append(ha.clamp_min(0)), g_b.append(gb), h_b.append(hb.clamp_min(0))
+    g_a, h_a, g_b, h_b = map(torch.cat, (g_a, h_a, g_b, h_b))
+    floor = 1e-3 * torch.cat([h_a, h_b]).mean().clamp_min(1e-30)
+    return 0.5 * (g_a / (h_a + floor) + g_b / (h_b + floor))
+
+
+def top_components(utility: torch.Tensor, budget: float) -> torch.Tensor:
+    """The bool mask of the ``round(budget × n)`` components of largest utility (at least one)."""
+    keep = max(1, int(round(budget * utility.numel())))
+    active = torch.zeros(utility.numel(), dtype=torch.bool, device=utility.device)
+    active[torch.topk(utility, keep).indices] = True
+    return active
 
 
 # --------------------------------------------------------------------------- the callback
@@ -144,6 +191,7 @@ class TrustRegionStep(Callback):
         self.cfg = cfg
         self.radius = cfg.radius
         self.fisher: Optional[Vector] = None
+        self.curvature: Optional[Vector] = None     # EMA of the Hutchinson curvature diagonal (rank schedule)
         self.utility: Optional[torch.Tensor] = None
         self.active: Optional[torch.Tensor] = None  # bool per rank-1 component
         self.last: dict[str, float] = {}
@@ -181,23 +229,26 @@ class TrustRegionStep(Callback):
         metric = self.fisher + floor
         return metric / metric.mean()
 
-    def _rank_mask(self, trainer: Any, grad: Vector) -> Optional[Vector]:
-        """The 0/1 mask of trainable coordinates under the rank budget (None: everything)."""
+    def _rank_mask(self, trainer: Any, grad: Vector, hvp: Any) -> Optional[Vector]:
+        """The 0/1 mask of trainable coordinates under the rank budget (None: everything).
+
+        Every step: one Hutchinson probe of the curvature diagonal (EMA ``fisher_beta``), the
+        utility of every rank-1 component from it and g (:func:`component_utility`, EMA); every
+        ``rank_every`` steps the components of largest utility are chosen."""
         if self.cfg.rank_budget >= 1.0:
             return None
         params = trainer.params
         components = rank_components(trainer.unwrapped(), params)
         if not components:
             return None
-        scores = unflatten(grad * grad / (self.fisher + self.fisher.mean().clamp_min(1e-30) * 1e-3), params)
-        utility = component_utility([s.float() for s in scores], components)
         beta = self.cfg.fisher_beta
+        probe = hutchinson_diagonal(hvp, grad, seed=trainer.cfg.seed * 1_000_003 + trainer.step)
+        self.curvature = probe if self.curvature is None else beta * self.curvature.to(grad.device) + (1 - beta) * probe
+        utility = component_utility([s.float() for s in unflatten(grad * grad, params)],
+                                    [h.float() for h in unflatten(self.curvature, params)], components)
         self.utility = utility if self.utility is None else beta * self.utility.to(utility.device) + (1 - beta) * utility
         if self.active is None or trainer.step % self.cfg.rank_every == 0:
-            keep = max(1, int(round(self.cfg.rank_budget * utility.numel())))
-            active = torch.zeros(utility.numel(), dtype=torch.bool, device=utility.device)
-            active[torch.topk(self.utility, keep).indices] = True
-            self.active = active
+            self.active = top_components(self.utility, self.cfg.rank_budget)
         masks = [torch.ones_like(p, dtype=torch.float32) for p in params]
         start = 0
         for a, b, r in components:
@@ -208,19 +259,21 @@ class TrustRegionStep(Callback):
         return flatten(masks, params)
 
     def take_step(self, trainer: Any, closure: Any) -> None:
-        """One trust-region step on the gradient in ``p.grad`` (unclipped), the step's forward re-run
-        through ``closure`` (:class:`lorafit.train.trainer.StepClosure`) for curvature products and ρ."""
+        """One trust-region step on the gradient in ``p.grad`` (unclipped) at the trainer's loss
+        ``closure.start_loss``; curvature products on ``closure.every(stride)``, L(θ+δ) on the whole
+        batch through ``closure`` (:class:`lorafit.train.trainer.StepClosure`)."""
         cfg, params = self.cfg, trainer.params
         grad = flatten([p.grad for p in params], params).to(params[0].device)
         metric = self._metric(grad)
-        mask = self._rank_mask(trainer, grad)
-        if mask is not None:
-            grad = grad * mask
-        pieces = closure.pieces
+        sub = closure.every(max(1, round(1 / cfg.curvature_batch)))
         with double_differentiable_attention():
-            operator = CurvatureOperator(pieces, params, cfg.curvature, cfg.damping, cache=len(pieces) == 1,
+            operator = CurvatureOperator(sub.pieces, params, cfg.curvature, cfg.damping, cache=len(sub.pieces) == 1,
                                          reduce=closure.reduce)
-            loss_before = operator.losses()
+            if operator.cache:
+                operator.losses()             # builds the graph every product reuses
+            mask = self._rank_mask(trainer, grad, operator)
+            if mask is not None:
+                grad = grad * mask
             hvp = operator if mask is None else (lambda v: mask * operator(mask * v))
             result = steihaug_cg(grad, hvp, self.radius, metric, cfg.cg_iters, cfg.cg_tol)
             operator.release()
@@ -228,7 +281,7 @@ class TrustRegionStep(Callback):
         with torch.no_grad():
             for p, step in zip(params, unflatten(result.step, params)):
                 p.add_(step)
-        loss_after = closure.loss()
+        loss_before, loss_after = closure.start_loss, closure.loss()
         predicted = -result.model_value
         actual = loss_before - loss_after
         rho = actual / predicted if predicted > 0 else 0.0   # no predicted decrease (g = 0): reject
@@ -248,8 +301,10 @@ class TrustRegionStep(Callback):
         return dict(self.last)
 
     def state_dict(self) -> dict:
-        return {"radius": self.radius, "fisher": self.fisher, "utility": self.utility, "active": self.active}
+        return {"radius": self.radius, "fisher": self.fisher, "curvature": self.curvature, "utility": self.utility,
+                "active": self.active}
 
     def load_state_dict(self, state: dict) -> None:
         self.radius = state["radius"]
         self.fisher, self.utility, self.active = state["fisher"], state["utility"], state["active"]
+        self.curvature = state.get("curvature")

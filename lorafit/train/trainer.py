@@ -70,10 +70,12 @@ class StepClosure:
     rule: ``pieces[i]()`` re-runs this process's micro-batch ``i`` (``batches[i]``) and returns ``(outputs, loss_i)``
     with the graph to the trainable parameters, where the sum of ``loss_i`` over micro-batches and
     processes (:attr:`reduce`) is the step's mean loss. Forwards use the unwrapped model (no
-    gradient sync) under the run's autocast.
+    gradient sync) under the run's autocast. :attr:`start_loss` is that mean loss at the step's
+    parameters as the trainer's own forward computed it (shared, not recomputed);
+    :meth:`every` gives the same closure over a sub-batch.
     """
 
-    def __init__(self, trainer: "Trainer", batches: list[Batch], units: float) -> None:
+    def __init__(self, trainer: "Trainer", batches: list[Batch], units: float, start_loss: float) -> None:
         model, task, acc = trainer.unwrapped(), trainer.cfg.task, trainer.accelerator
 
         def piece(batch: Batch):
@@ -83,10 +85,30 @@ class StepClosure:
                 return outputs, summed / units
             return run
 
-        self.batches = batches
+        self.trainer, self.batches, self.start_loss = trainer, batches, start_loss
         self.pieces = [piece(b) for b in batches]
         self.reduce = ((lambda t: t) if acc.num_processes == 1
                        else (lambda t: acc.reduce(t.to(acc.device), "sum").to(t.device)))
+
+    def every(self, stride: int) -> "StepClosure":
+        """The closure over every ``stride``-th row of the step's global batch (rows 0, stride, 2·stride, …
+        by position in the global batch, so the choice does not depend on the number of processes or
+        micro-batches; with packing, packed rows), its pieces summing to the mean loss over those rows.
+        ``stride=1``: itself."""
+        if stride == 1:
+            return self
+        sizes = [len(b["input_ids"]) for b in self.batches]
+        offset = self.trainer.accelerator.process_index * sum(sizes)   # this process's first row
+        kept = []
+        for batch, size in zip(self.batches, sizes):
+            rows = [i for i in range(size) if (offset + i) % stride == 0]
+            offset += size
+            if rows:
+                index = torch.tensor(rows, device=batch["input_ids"].device)
+                kept.append({k: v.index_select(0, index) for k, v in batch.items()})
+        units = float(sum(self.trainer.cfg.task.count_units(b) for b in kept))
+        units = float(self.reduce(torch.tensor(units, dtype=torch.float64)))
+        return StepClosure(self.trainer, kept, max(units, 1.0), float("nan"))   # its start loss is not computed
 
     @torch.no_grad()
     def loss(self) -> float:
@@ -210,7 +232,7 @@ class Trainer:
         units = sum(task.count_units(b) for b in micro_batches)
         global_units = acc.reduce(torch.tensor(float(units), device=acc.device), "sum").item()
         scale = acc.num_processes / max(global_units, 1.0)
-        loss_total = torch.zeros((), device=acc.device)
+        loss_total = torch.zeros((), dtype=torch.float64, device=acc.device)
         for i, batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             with contextlib.nullcontext() if last else acc.no_sync(self.model):
@@ -221,7 +243,7 @@ class Trainer:
                         for extra in filter(None, (cb.extra_loss(self) for cb in self.callbacks)):
                             loss = loss + extra
                 acc.backward(loss)
-            loss_total += summed.detach()
+            loss_total += summed.detach().double()
         mean_loss = acc.reduce(loss_total, "sum").item() / max(global_units, 1.0)
         for cb in self.callbacks:
             cb.after_backward(self)
@@ -239,7 +261,7 @@ class Trainer:
         for cb in self.callbacks:
             cb.before_optimizer_step(self)
         if self.step_owner is not None:
-            self.step_owner.take_step(self, StepClosure(self, micro_batches, max(global_units, 1.0)))
+            self.step_owner.take_step(self, StepClosure(self, micro_batches, max(global_units, 1.0), mean_loss))
         else:
             self.optimizer.step()
         for cb in self.callbacks:
@@ -286,7 +308,7 @@ class Trainer:
             cb.on_train_start(self)
         cfg, acc = self.cfg, self.accelerator
         start_step = self.step
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         with self.progress_bar() as progress, self.stop_on_signals():
             task_id = progress.add_task("train", total=self.total_steps, completed=self.step, info="")
             while self.step < self.total_steps:
@@ -297,7 +319,7 @@ class Trainer:
                 stats.update(step=self.step, epoch=self.step / self.steps_per_epoch,
                              lr=self.lr,
                              samples_per_s=cfg.data.batch_size / (time.perf_counter() - t_step),
-                             elapsed_s=time.perf_counter() - t0)
+                             elapsed_s=time.perf_counter() - t0, cpu_s=time.process_time() - cpu0)
                 progress.update(task_id, advance=1, info=f"loss {stats['loss']:.4f}  lr {stats['lr']:.2e}  "
                                                           f"{stats['samples_per_s']:.1f} ex/s")
                 per_step = {k: v for cb in self.callbacks for k, v in cb.step_metrics(self).items()}
