@@ -16,7 +16,8 @@ axis is the point). The rules and their settings (``RULES``):
 - ``ctr``: the defaults (GGN curvature, Euclidean trust region, Δ0 = 0.1, ≤ 5 CG iterations,
   curvature products on a quarter of the batch);
 - ``ctr_full``: curvature products on the whole batch with ≤ 10 CG iterations (the defaults before
-  the cost change), for the side-by-side comparison.
+  the cost change), for the side-by-side comparison;
+- ``ctr_next``: the defaults with ρ judged on the next step's batch (``rho_batch=next``).
 
 A finished run (``results.json`` present) is not run again. The table gives the mean training loss
 over the first and last 10 % of steps, dev accuracy at the end, wall time, time per step relative to
@@ -41,6 +42,7 @@ RULES = {
     "reflora": ["optimizer=reflora", "optimizer.lr=1e-3", "optimizer.warmup=10"],
     "ctr": ["optimizer=ctr"],
     "ctr_full": ["optimizer=ctr", "optimizer.curvature_batch=1.0", "optimizer.cg_iters=10"],
+    "ctr_next": ["optimizer=ctr", "optimizer.rho_batch=next"],
 }
 TASK_DIR = {"sst2": "SST-2", "rte": "RTE"}
 

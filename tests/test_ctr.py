@@ -570,3 +570,35 @@ def test_curvature_products_use_every_fourth_example_of_the_global_batch(run_cli
                              f"hardware.grad_accum_steps={accumulation}")).code == 0, r.text
         assert len(full[0]) == 8
         torch.testing.assert_close(torch.cat(seen[0]), full[0][[0, 4]])
+
+
+def test_rho_on_the_next_batch_judges_the_step_on_unseen_examples(run_cli, tmp_path: Path, monkeypatch) -> None:
+    """``optimizer.rho_batch=next``: both losses of ρ are the next step's batch's, L'(θ) − L'(θ+δ),
+    evaluated here with fresh forward passes (kills ρ judged on the step's own batch)."""
+    real_step, real_cg = ctr.TrustRegionStep.take_step, ctr.steihaug_cg
+    trial: list[torch.Tensor] = []
+    seen: list[dict] = []
+
+    def cg_spy(*args, **kwargs):
+        trial.append(real_cg(*args, **kwargs))
+        return trial[-1]
+
+    def step_spy(self, trainer, closure):
+        model, params = trainer.unwrapped(), trainer.params
+        nxt, own = trainer.step_batches(trainer.step + 1), list(closure.batches)
+        theta = [p.detach().clone() for p in params]
+        real_step(self, trainer, closure)
+        moved = [t + d for t, d in zip(theta, ctr.unflatten(trial[-1].step, params))]
+        seen.append({"next": loss_at(model, params, theta, nxt) - loss_at(model, params, moved, nxt),
+                     "own": loss_at(model, params, theta, own) - loss_at(model, params, moved, own),
+                     "before": loss_at(model, params, theta, own), **self.last})
+
+    monkeypatch.setattr(ctr, "steihaug_cg", cg_spy)
+    monkeypatch.setattr(ctr.TrustRegionStep, "take_step", step_spy)
+    run = tmp_path / "run"
+    assert (r := run_cli("train", f"output_dir={run}", *TINY, "+optim=ctr", "max_steps=3", "model.dropout=0.0",
+                         "optimizer.radius=3.0", "optimizer.rho_batch=next")).code == 0, r.text
+    for step, got in enumerate(seen, 1):
+        assert got["actual_reduction"] == pytest.approx(got["next"], abs=1e-5), step
+        assert got["loss_before"] == pytest.approx(got["before"], abs=1e-5), step      # the step's own loss
+    assert max(abs(g["next"] - g["own"]) for g in seen) > 1e-3        # the two batches judge differently

@@ -69,6 +69,8 @@ class CTRConfig:
         cg_iters: the most CG iterations per step; cg_tol: stop when ‖r‖ ≤ cg_tol·‖g‖.
         curvature_batch: fraction of the step's examples the curvature products are taken on
             (every round(1/f)-th example of the global batch; 1.0 = all); g and ρ use the whole batch.
+        rho_batch: ``same`` (ρ on the step's batch, the seed's rule) or ``next`` (both losses of ρ
+            on the next step's batch: does the step generalise beyond the batch it was fitted to?).
         damping: λ added to the curvature (H + λI); 0 keeps the model exact.
         fisher_beta: EMA factor of the squared-gradient Fisher metric and of the rank schedule's
             curvature diagonal and utility.
@@ -87,6 +89,7 @@ class CTRConfig:
     cg_iters: int = 5
     cg_tol: float = 0.1
     curvature_batch: float = 0.25
+    rho_batch: str = "same"
     damping: float = 0.0
     fisher_beta: float = 0.95
     rank_budget: float = 1.0
@@ -95,6 +98,7 @@ class CTRConfig:
     def __post_init__(self) -> None:
         check_choice("optimizer.curvature", self.curvature, ("ggn", "hessian"))
         check_choice("optimizer.metric", self.metric, ("euclidean", "fisher"))
+        check_choice("optimizer.rho_batch", self.rho_batch, ("same", "next"))
         check_range("optimizer.radius", self.radius, 0, low_inclusive=False)
         check_range("optimizer.max_radius", self.max_radius, self.radius)
         check_range("optimizer.eta1", self.eta1, 0, 1, high_inclusive=False)
@@ -261,7 +265,8 @@ class TrustRegionStep(Callback):
     def take_step(self, trainer: Any, closure: Any) -> None:
         """One trust-region step on the gradient in ``p.grad`` (unclipped) at the trainer's loss
         ``closure.start_loss``; curvature products on ``closure.every(stride)``, L(θ+δ) on the whole
-        batch through ``closure`` (:class:`lorafit.train.trainer.StepClosure`)."""
+        batch through ``closure`` (:class:`lorafit.train.trainer.StepClosure`) — or both losses of ρ
+        on the next step's batch (``rho_batch=next``)."""
         cfg, params = self.cfg, trainer.params
         grad = flatten([p.grad for p in params], params).to(params[0].device)
         metric = self._metric(grad)
@@ -277,13 +282,15 @@ class TrustRegionStep(Callback):
             hvp = operator if mask is None else (lambda v: mask * operator(mask * v))
             result = steihaug_cg(grad, hvp, self.radius, metric, cfg.cg_iters, cfg.cg_tol)
             operator.release()
+        judge = closure if cfg.rho_batch == "same" else closure.of_step(trainer.step + 1)
+        judged_before = closure.start_loss if judge is closure else judge.loss()
         saved = [p.detach().clone() for p in params]
         with torch.no_grad():
             for p, step in zip(params, unflatten(result.step, params)):
                 p.add_(step)
-        loss_before, loss_after = closure.start_loss, closure.loss()
+        loss_after = judge.loss()
         predicted = -result.model_value
-        actual = loss_before - loss_after
+        actual = judged_before - loss_after
         rho = actual / predicted if predicted > 0 else 0.0   # no predicted decrease (g = 0): reject
         radius_used = self.radius
         accepted, self.radius = update_radius(rho, self.radius, result.boundary, cfg)
@@ -293,7 +300,9 @@ class TrustRegionStep(Callback):
                     p.copy_(old)
         self.last = {"rho": rho, "radius": radius_used, "accepted": float(accepted),
                      "cg_iters": float(result.iters), "boundary": float(result.boundary),
-                     "pred_reduction": predicted, "actual_reduction": actual, "loss_before": loss_before}
+                     "pred_reduction": predicted, "actual_reduction": actual, "loss_before": closure.start_loss}
+        if judge is not closure:
+            self.last["next_loss_before"] = judged_before
         if self.active is not None:
             self.last["active_rank"] = float(self.active.sum())
 

@@ -72,7 +72,7 @@ class StepClosure:
     processes (:attr:`reduce`) is the step's mean loss. Forwards use the unwrapped model (no
     gradient sync) under the run's autocast. :attr:`start_loss` is that mean loss at the step's
     parameters as the trainer's own forward computed it (shared, not recomputed);
-    :meth:`every` gives the same closure over a sub-batch.
+    :meth:`every` gives the same closure over a sub-batch, :meth:`of_step` over another step's batch.
     """
 
     def __init__(self, trainer: "Trainer", batches: list[Batch], units: float, start_loss: float) -> None:
@@ -109,6 +109,13 @@ class StepClosure:
         units = float(sum(self.trainer.cfg.task.count_units(b) for b in kept))
         units = float(self.reduce(torch.tensor(units, dtype=torch.float64)))
         return StepClosure(self.trainer, kept, max(units, 1.0), float("nan"))   # its start loss is not computed
+
+    def of_step(self, step: int) -> "StepClosure":
+        """The closure over the global batch of optimizer step ``step`` (its start loss not computed)."""
+        batches = self.trainer.step_batches(step)
+        units = float(sum(self.trainer.cfg.task.count_units(b) for b in batches))
+        units = float(self.reduce(torch.tensor(units, dtype=torch.float64)))
+        return StepClosure(self.trainer, batches, max(units, 1.0), float("nan"))
 
     @torch.no_grad()
     def loss(self) -> float:
