@@ -20,7 +20,7 @@ every tensor autograd keeps for the backward pass. Per process:
 
 Under ``hardware=fsdp`` with N processes, weights, adapter, gradients and optimizer state are 1/N each,
 and the transients gain two of the largest sharded layers gathered whole (the running one and the
-next, prefetched).
+next, prefetched; a 4-bit base weight gathered as its packed bytes).
 
 ``activations + transients`` is the *step peak*: what a training step needs on top of the resident
 model and optimizer state, as ``scripts/bench_adapters.py`` / ``scripts/bench_scale.py`` measure it
@@ -125,6 +125,13 @@ def _weight_bytes(model: nn.Module, heads: list[str], quantization: str, dtype: 
         else:
             total += param.numel() * dtype.itemsize
     return total
+
+
+def _gathered_bytes(unit: nn.Module, quantization: str) -> int:
+    """One FSDP unit's parameters as they are all-gathered: a 4-bit base weight as its packed bytes
+    (n/2; its block scales stay whole in every process and are not gathered), the rest as they are."""
+    packed = {id(m.weight) for m in unit.modules() if isinstance(m, nn.Linear)} if quantization in ("nf4", "fp4") else ()
+    return sum(p.numel() // 2 if id(p) in packed else p.numel() * p.element_size() for p in unit.parameters())
 
 
 class _FusedAttention(torch.autograd.Function):
@@ -260,8 +267,8 @@ def estimate(cfg: TrainConfig, processes: int = 1) -> MemoryEstimate:
         # whole, the next one prefetched: two of the largest sharding units
         weights, adapter, grads, optimizer = (x // processes for x in (weights, adapter, grads, optimizer))
         units = set(getattr(model, "_no_split_modules", None) or [])
-        gathered = 2 * max((sum(p.numel() * p.element_size() for p in m.parameters())
-                            for m in model.modules() if type(m).__name__ in units), default=0)
+        gathered = 2 * max((_gathered_bytes(m, cfg.model.quantization) for m in model.modules()
+                            if type(m).__name__ in units), default=0)
     return MemoryEstimate(weights=weights, adapter=adapter, optimizer=optimizer, activations=activations,
                           transients=logits_grad + grads + dequantised + gathered, micro_batch=micro,
                           sequence=sequence, checkpointing=checkpointing)
