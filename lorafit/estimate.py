@@ -18,9 +18,10 @@ every tensor autograd keeps for the backward pass. Per process:
   gradient with respect to the (fp32) logits, the trainable tensors' gradients, and on a quantised
   base one layer's weight dequantised to the compute dtype.
 
-Under ``hardware=fsdp`` with N processes, weights, adapter, gradients and optimizer state are 1/N each,
-and the transients gain two of the largest sharded layers gathered whole (the running one and the
-next, prefetched).
+Under ``hardware=fsdp`` with N processes, weights (but a 4-bit base's block scales), adapter,
+gradients and optimizer state are 1/N each, and the transients gain two of the largest sharded
+layers gathered whole (the running one and the next, prefetched; a 4-bit base weight gathered as its
+packed bytes).
 
 ``activations + transients`` is the *step peak*: what a training step needs on top of the resident
 model and optimizer state, as ``scripts/bench_adapters.py`` / ``scripts/bench_scale.py`` measure it
@@ -110,9 +111,10 @@ def _config(cfg: TrainConfig, head: str) -> Any:
     return config
 
 
-def _weight_bytes(model: nn.Module, heads: list[str], quantization: str, dtype: torch.dtype) -> int:
-    """The base as bitsandbytes stores it: every backbone linear weight quantised, the rest in ``dtype``."""
-    total = 0
+def _weight_bytes(model: nn.Module, heads: list[str], quantization: str, dtype: torch.dtype) -> tuple[int, int]:
+    """The base as bitsandbytes stores it: every backbone linear weight quantised, the rest in ``dtype``.
+    Returns (all its bytes, the 4-bit block scales among them: FSDP does not shard those)."""
+    total = scales = 0
     quantised = {f"{n}.weight" for n, m in model.named_modules()
                  if isinstance(m, nn.Linear) and not any(n == h or n.startswith(h + ".") for h in heads)}
     for name, param in model.named_parameters():
@@ -121,10 +123,18 @@ def _weight_bytes(model: nn.Module, heads: list[str], quantization: str, dtype: 
             if quantization == "int8":
                 total += n + param.shape[0] * 4                   # int8 values + an fp32 scale per row
             else:                                                 # 4 bits + 8-bit block scales (64) + fp32 per 256 blocks
-                total += n // 2 + n // 64 + (n // 64 // 256 + 1) * 4
+                scales += n // 64 + (n // 64 // 256 + 1) * 4
+                total += n // 2
         else:
             total += param.numel() * dtype.itemsize
-    return total
+    return total + scales, scales
+
+
+def _gathered_bytes(unit: nn.Module, quantization: str) -> int:
+    """One FSDP unit's parameters as they are all-gathered: a 4-bit base weight as its packed bytes
+    (n/2; its block scales stay whole in every process and are not gathered), the rest as they are."""
+    packed = {id(m.weight) for m in unit.modules() if isinstance(m, nn.Linear)} if quantization in ("nf4", "fp4") else ()
+    return sum(p.numel() // 2 if id(p) in packed else p.numel() * p.element_size() for p in unit.parameters())
 
 
 class _FusedAttention(torch.autograd.Function):
@@ -221,7 +231,7 @@ def estimate(cfg: TrainConfig, processes: int = 1) -> MemoryEstimate:
     with torch.device("meta"):
         model = auto_cls.from_config(config, dtype=dtype)
     heads = head_module_names(model)
-    weights = _weight_bytes(model, heads, cfg.model.quantization, dtype)
+    weights, scales = _weight_bytes(model, heads, cfg.model.quantization, dtype)
     targets = find_targets(model, cfg.adapter.target_modules or default_targets(model), exclude=heads)
     if not targets:
         raise ConfigError(f"adapter.target_modules matches no linear layer of this {config.model_type} model.")
@@ -258,10 +268,11 @@ def estimate(cfg: TrainConfig, processes: int = 1) -> MemoryEstimate:
     if cfg.hardware.sharding == "fsdp" and processes > 1:
         # FSDP2 keeps 1/N of every weight, gradient and optimizer state, and gathers the running layer
         # whole, the next one prefetched: two of the largest sharding units
-        weights, adapter, grads, optimizer = (x // processes for x in (weights, adapter, grads, optimizer))
+        adapter, grads, optimizer = (x // processes for x in (adapter, grads, optimizer))
+        weights = (weights - scales) // processes + scales      # a 4-bit layer's quant_state stays whole
         units = set(getattr(model, "_no_split_modules", None) or [])
-        gathered = 2 * max((sum(p.numel() * p.element_size() for p in m.parameters())
-                            for m in model.modules() if type(m).__name__ in units), default=0)
+        gathered = 2 * max((_gathered_bytes(m, cfg.model.quantization) for m in model.modules()
+                            if type(m).__name__ in units), default=0)
     return MemoryEstimate(weights=weights, adapter=adapter, optimizer=optimizer, activations=activations,
                           transients=logits_grad + grads + dequantised + gathered, micro_batch=micro,
                           sequence=sequence, checkpointing=checkpointing)

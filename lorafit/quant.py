@@ -29,23 +29,33 @@ QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
 
 
 def is_quantized(layer: nn.Module) -> bool:
-    """True if ``layer``'s weight is a bitsandbytes quantised parameter (4-bit or 8-bit)."""
-    weight = getattr(layer, "weight", None)
-    return type(weight).__name__ in ("Params4bit", "Int8Params")
+    """True if ``layer`` is a bitsandbytes quantised linear layer (4-bit or 8-bit).
+
+    Judged by the layer's class, not its weight's: under FSDP the weight is a shard (a DTensor) and,
+    inside the forward, the gathered plain tensor of the packed bytes.
+    """
+    return bnb_kind(layer) is not None
+
+
+def bnb_kind(layer: nn.Module) -> Optional[str]:
+    """``"Linear4bit"`` or ``"Linear8bitLt"`` for a bitsandbytes layer (or a subclass), else None."""
+    return next((cls.__name__ for cls in type(layer).__mro__ if cls.__name__ in ("Linear4bit", "Linear8bitLt")), None)
 
 
 def dense_weight(layer: nn.Module, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """The weight of a linear layer as a dense ``out × in`` tensor (``dtype``: float32 by default).
 
     For a quantised layer this dequantises (a new tensor, one layer's worth of memory); for a plain
-    one it is the weight itself, cast only if ``dtype`` differs (treat the result as read-only).
+    one it is the weight itself, cast only if ``dtype`` differs (treat the result as read-only). Under
+    FSDP only inside the layer's forward (the weight gathered): a 4-bit weight that lost its
+    ``quant_state`` there is read with the layer's, as bitsandbytes' own forward does.
     """
     weight = layer.weight
-    kind = type(weight).__name__
-    if kind == "Params4bit":
+    kind = bnb_kind(layer)
+    if kind == "Linear4bit":
         import bitsandbytes.functional as bnbf
-        dense = bnbf.dequantize_4bit(weight.data, weight.quant_state)
-    elif kind == "Int8Params":
+        dense = bnbf.dequantize_4bit(weight.data, getattr(weight, "quant_state", None) or layer.quant_state)
+    elif kind == "Linear8bitLt":
         dense = weight.data.float() * (weight.SCB.float().unsqueeze(1) / 127.0)
     else:
         dense = weight.detach()

@@ -60,8 +60,11 @@ def train(cfg: TrainConfig) -> dict[str, dict]:
             write_built_base(cfg, base_dir)
         accelerator.wait_for_everyone()
         model_cfg = dataclasses.replace(model_cfg, name_or_path=str(base_dir.resolve()), build=None, tokenizer=None)
+    # sharded (FSDP), a quantised base is loaded on the CPU, as an unquantised one always is: fully_shard then
+    # moves only this process's shards to the accelerator (a 4-bit 70B never whole on a 24 GB card)
+    device = "cpu" if cfg.hardware.sharding == "fsdp" else accelerator.device
     assembled = assemble(model_cfg, cfg.adapter, cfg.init, data.head, data.num_labels, seed=cfg.seed,
-                         device=accelerator.device, data=data)
+                         device=device, data=data)
     if cfg.model.build is not None:
         if accelerator.is_main_process and not (base_dir / "config.json").is_file():
             write_built_base(cfg, base_dir)   # built again from its seed: the weights the adapter was attached to

@@ -101,6 +101,24 @@ def test_quantisation_and_checkpointing_shrink_what_they_should(small_llama: Pat
     assert "estimated peak memory per process" in plain.line()
 
 
+def test_fsdp_gathers_two_layers_and_a_4bit_weight_as_its_packed_bytes(small_llama: Path) -> None:
+    """Under hardware=fsdp the step gains two decoder layers gathered whole: on an nf4 base their
+    projections at half a byte per value (counted at the storage dtype's 4 bytes the term is 8× larger)."""
+    from lorafit.estimate import estimate
+
+    args = (f"model.name_or_path={small_llama}", "data=instruct", f"data.path={__file__}", "data.batch_size=4",
+            "adapter.r=16", f"adapter.target_modules=[{','.join(TARGETS)}]", "model.quantization=nf4")
+    ddp, fsdp = (estimate(train_config(*args, f"hardware.sharding={mode}"), processes=2) for mode in ("none", "fsdp"))
+    projections = 256 * 256 * 2 + 256 * 64 * 2 + 3 * 256 * 704                     # one layer's base values
+    factors = 16 * (2 * (256 + 256) + 2 * (256 + 64) + 2 * (256 + 704) + (704 + 256))   # its LoRA values, fp32
+    layer = projections // 2 + 4 * factors + 4 * 2 * 256                                # + two fp32 norms
+    grads = ddp.adapter                                    # the trainable tensors' gradients: 1/2 each under FSDP
+    assert fsdp.transients - (ddp.transients - grads + grads // 2) == 2 * layer
+    shapes = (256 * 256, 64 * 256, 64 * 256, 256 * 256, 704 * 256, 704 * 256, 256 * 704)    # q k v o gate up down
+    scales = 4 * sum(n // 64 + (n // 64 // 256 + 1) * 4 for n in shapes)     # block scales: whole in every process
+    assert fsdp.weights == (ddp.weights - scales) // 2 + scales and fsdp.adapter == ddp.adapter // 2
+
+
 @pytest.mark.parametrize("adapter", ["lora", "dora", "adalora", "bone", "bat", "rosa", "spectral_a", "spectral_r",
                                      "lora_dash"])
 def test_every_adapter_is_estimated(adapter: str) -> None:

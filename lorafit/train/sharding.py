@@ -13,7 +13,16 @@ collective): the adapter for saving (:func:`full_tensors`, written by the main p
 single-process format), the optimizer state as plain tensors keyed by parameter name
 (:func:`optimizer_state`), and their loading back (:func:`load_adapter`, :func:`load_optimizer`).
 Callbacks that read or edit whole weights between steps (rank schedules, LoRA-GA's gradients, the
-trust-region and refactoring step rules) and quantised bases are refused at start (:func:`check`).
+trust-region and refactoring step rules) and an int8 base are refused at start (:func:`check`).
+
+A 4-bit base (QLoRA: ``model.quantization=nf4|fp4``) is sharded as bitsandbytes stores it: FSDP2
+shards each parameter on its own along dim 0, whatever its dtype, so the packed ``uint8`` column of
+a ``Params4bit`` (``n/2 × 1``) splits like any weight, and a unit's parameters of different dtypes
+are all-gathered together as bytes. (FSDP1 flattened a unit into one tensor of one dtype, hence
+bitsandbytes' ``quant_storage=bfloat16`` for it; FSDP2 needs no float storage, and a mixed-precision
+``param_dtype`` never casts an integer parameter.) What the gathered weight lacks is its
+``quant_state`` (the block scales, about 3 % of the packed weight, kept whole by every process):
+``Linear4bit.forward`` then takes the layer's own, which :func:`shard` sets from the weight first.
 RL samples with ``generate(synced_gpus=True)``: a process whose completions ended keeps running
 forwards until every process has finished.
 """
@@ -34,7 +43,7 @@ def check(cfg: Any, callbacks: list) -> None:
     """Refuse what does not run sharded, naming it and the alternative.
 
     Raises:
-        ConfigError: a method callback, a quantised base, or one process.
+        ConfigError: a method callback, an int8 base, or one process.
     """
     import torch.distributed as dist
 
@@ -44,9 +53,10 @@ def check(cfg: Any, callbacks: list) -> None:
         names = ", ".join(sorted({type(cb).__name__ for cb in whole}))
         problems.append(f"{names} read or change whole weights between steps, and FSDP holds them in shards "
                         f"(plain LoRA, rsLoRA, DoRA, Bone, Bat, Spectral-A/R, LoRA+ and the SVD inits run sharded)")
-    if cfg.model.quantization != "none":
-        problems.append(f"model.quantization={cfg.model.quantization}: bitsandbytes stores 4-bit weights as "
-                        f"uint8, which FSDP cannot shard")
+    if cfg.model.quantization == "int8":
+        problems.append("model.quantization=int8: bitsandbytes' Linear8bitLt reads its scales from attributes of "
+                        "the weight (CB, SCB) and swaps the weight's data in its forward, so a gathered FSDP shard "
+                        "(a plain tensor) has neither (model.quantization=nf4 or fp4 run sharded)")
     if not dist.is_initialized() or dist.get_world_size() < 2:
         problems.append("it runs in one process: start several (hardware.num_processes=N, or torchrun)")
     if problems:
@@ -65,20 +75,26 @@ def shard(model: nn.Module, device: torch.device) -> str:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    from lorafit.quant import is_quantized
+
     marks = {name: {k: v for k, v in vars(p).items() if k.startswith("lorafit_")}
              for name, p in model.named_parameters()}
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    units = set(getattr(model, "_no_split_modules", None) or [])
     for module in model.modules():
-        if type(module).__name__ in units:
-            fully_shard(module, mesh=mesh)
+        if is_quantized(module):   # 4-bit (int8 is refused): its forward reads this when the gathered weight
+            module.quant_state = module.weight.quant_state    # has none; an init may have re-quantised W0
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    units = [module for module in model.modules() if type(module).__name__ in names]
+    classes = ", ".join(sorted({type(module).__name__ for module in units}))
+    for module in units:                # fully_shard renames each class (FSDPLlamaDecoderLayer): listed first
+        fully_shard(module, mesh=mesh)
     fully_shard(model, mesh=mesh)
     for name, param in model.named_parameters():
         for key, value in marks.get(name, {}).items():
             setattr(param, key, value)
     local = sum(p.to_local().numel() for p in model.parameters())
     total = sum(p.numel() for p in model.parameters())
-    return (f"hardware=fsdp: {len(units & {type(m).__name__ for m in model.modules()})} layer class(es) sharded "
+    return (f"hardware=fsdp: {len(units)} layers ({classes}) sharded "
             f"across {dist.get_world_size()} processes; this process holds {local:,} of {total:,} values")
 
 
