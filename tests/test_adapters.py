@@ -277,6 +277,32 @@ def test_lora_dash_launch_picks_the_top_directions(minilm_cfg) -> None:
         assert max_diff(layer.dash_V[:, col].double(), sign * Vh[i]) <= 1e-4
 
 
+def test_lora_dash_callback_launches_after_step_t() -> None:
+    """``DashLaunch(t=2)`` driven step by step launches after the 2nd optimizer step (``trainer.step``
+    is 0-based: 1) and drops d's optimizer state only. Kills the launch a step late
+    (``trainer.step == t``) and a launch that keeps d's stale Adam moments."""
+    from types import SimpleNamespace
+
+    from lorafit.adapters.lora_dash import DashLaunch
+
+    torch.manual_seed(0)
+    layer = LoRADashConfig(r=2, alpha=4, t=2, s=2).wrap(nn.Linear(8, 6))
+    with torch.no_grad():
+        layer.lora_B.normal_()                                       # ΔW ≠ 0: directions to score
+    model = nn.Sequential(layer)
+    state = {layer.dash_d: {"exp_avg": torch.ones(2)}, layer.lora_A: {"exp_avg": torch.ones(2, 8)}}
+    trainer = SimpleNamespace(unwrapped=lambda: model, step=0, optimizer=SimpleNamespace(state=state))
+    callback = DashLaunch(2)
+    callback.on_train_start(trainer)
+    launched = []
+    for step in range(4):
+        trainer.step = step
+        callback.after_optimizer_step(trainer)
+        launched.append(bool(layer.dash_U.abs().sum() > 0))
+    assert launched == [False, True, True, True]
+    assert layer.dash_d not in state and layer.lora_A in state
+
+
 def test_rosa_mask_is_the_top_k_of_the_score() -> None:
     layer = RoSAConfig(r=2, density=0.05).wrap(nn.Linear(20, 10))
     score = torch.rand(10, 20)
