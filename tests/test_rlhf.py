@@ -160,6 +160,23 @@ def test_log_probs_follow_the_sampling_temperature_and_top_p_is_refused(tiny_lla
         RLTask(top_p=0.9)
 
 
+def test_log_probs_give_left_padded_rows_the_positions_of_their_real_tokens() -> None:
+    """Positions count real tokens only (0 at a row's first real token), as generation numbers them.
+    RoPE (the tiny Llama) cannot tell a uniform shift, so a stub model records the positions it is
+    given. Kills positions that count the left padding (``arange`` over the padded width)."""
+    from types import SimpleNamespace
+
+    seen = {}
+
+    def stub(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> SimpleNamespace:
+        seen["positions"] = position_ids
+        return SimpleNamespace(logits=torch.zeros(*input_ids.shape, 8))
+
+    ids = torch.tensor([[0, 0, 5, 6, 7], [1, 2, 3, 4, 5]])
+    token_logprobs(stub, ids, torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]), 2)
+    assert seen["positions"].tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+
+
 def test_advantages_are_rloo_of_the_reward_minus_the_kl_penalty(tiny_llama_cfg) -> None:
     """``RLTask._score`` on two samples of one prompt: the advantages are RLOO of ``R = r − β·KL``, with
     r the toy reward and KL the k1 sum of the sampling policy's log-probs minus the separately loaded
