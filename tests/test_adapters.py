@@ -592,6 +592,25 @@ def test_adalora_refuses_a_kept_triplets_set_by_hand() -> None:
     RankAllocator(make_config("adalora")).on_train_start(SimpleNamespace(total_steps=10))
 
 
+def test_adalora_triplet_score_adds_e_and_the_means_of_its_a_row_and_b_column() -> None:
+    """S_i = s(E_i) + mean_j s(A_ij) + mean_j s(B_ji) with s = Ī ⊙ Ū (paper eq. 11), from hand-set Ī, Ū.
+    Kills a score that drops a term: with random gradients the A and B means are nearly the same for
+    every triplet, so the PEFT mask parity cannot see one missing."""
+    from lorafit.adapters.adalora import RankAllocator
+
+    cfg = make_config("adalora", init_r=3, target_r=2)
+    layer = cfg.wrap(nn.Linear(5, 4))
+    allocator = RankAllocator(cfg)
+    gen = torch.Generator().manual_seed(0)
+    for pname, shape in (("lora_A", (3, 5)), ("lora_E", (3,)), ("lora_B", (4, 3))):
+        allocator.smoothed[f"l.{pname}"] = torch.rand(shape, generator=gen)
+        allocator.uncertainty[f"l.{pname}"] = torch.rand(shape, generator=gen)
+    s = {p: allocator.smoothed[f"l.{p}"].double() * allocator.uncertainty[f"l.{p}"].double()
+         for p in ("lora_A", "lora_E", "lora_B")}
+    want = [float(s["lora_E"][i] + s["lora_A"][i].mean() + s["lora_B"][:, i].mean()) for i in range(3)]
+    assert allocator.triplet_scores({"l": layer})["l"].tolist() == pytest.approx(want, abs=1e-6)
+
+
 @torch.no_grad()
 def test_spectral_r_trained_scale_multiplies_the_rotated_singular_values() -> None:
     """adapter.train_scale: W' = U cay(X_U) diag(λ ⊙ S) (V cay(X_V))ᵀ + W_rest, the identity at λ = 1;
