@@ -205,10 +205,15 @@ def effective_weight(layer: nn.Module) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_effective_weight_matches_the_methods_md_formula(name: str, minilm_cfg) -> None:
-    cfg = make_config(name, target_modules=["query", "intermediate.dense", "output.dense"])
+    # (a pattern is a module's last name or a regex of its whole name: "output.dense" alone would match nothing)
+    cfg = make_config(name, target_modules=["query", r".*\.intermediate\.dense", r".*\.output\.dense"])
     layers = assemble(minilm_cfg, cfg, None, "classification", 2, seed=0).layers
     gen = torch.Generator().manual_seed(1)
-    for layer_name, layer in list(layers.items())[:6]:
+    # encoder layer 0's four targets: 384×384 twice, 1536×384 and 384×1536 — a layout bug that a square
+    # weight hides (RoSA's flat index read with the wrong width) shows in the other two
+    chosen = {n: layer for n, layer in layers.items() if ".layer.0." in n}
+    assert {tuple(layer.base.weight.shape) for layer in chosen.values()} == {(384, 384), (1536, 384), (384, 1536)}
+    for layer_name, layer in chosen.items():
         perturb(layer, gen)
         expected = reference_weight(name, layer, cfg)
         measured = effective_weight(layer)
