@@ -329,7 +329,7 @@ MUTANTS: list[Mutant] = [
       "slice", "flat index → row with out_features (transposed layout)"),
     M("lorafit/adapters/rosa.py", "layer.set_mask(self.fisher.pop(name) / self.num_grads)", "layer.set_mask(self.fisher.pop(name))",
       "scale", "mask from Σg² instead of its mean",
-      equivalent="top-k of a score is unchanged by a positive factor (1/spa_num_grads); the score is not kept"),
+      equivalent="the score only feeds topk, which a positive factor (1/spa_num_grads) leaves unchanged (up to ties made by rounding)"),
     # --------------------------------------------------------------- adapters/spectral.py
     M("lorafit/adapters/spectral.py", "K = (X - X.T) / 2", "K = (X + X.T) / 2", "sign", "Cayley map of the symmetric part (not orthogonal)"),
     M("lorafit/adapters/spectral.py", "torch.linalg.solve(eye + K, eye - K)", "torch.linalg.solve(eye - K, eye + K)", "sign",
