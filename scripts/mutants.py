@@ -230,7 +230,7 @@ TESTS: dict[str, list[str]] = {
     "lorafit/optim/basic.py": ["tests/test_train.py::test_warmup_ratio_rounds_to_whole_steps_and_every_schedule_warms_up",
                                A + "test_rosa_sparse_values_get_their_own_learning_rate", "tests/test_step_rules.py",
                                PINNED + "[adamw]", PINNED + "[sgd]"],
-    "lorafit/optim/loraplus.py": ["tests/test_step_rules.py", PINNED + "[loraplus]"],
+    "lorafit/optim/loraplus.py": ["tests/test_loraplus.py", "tests/test_step_rules.py", PINNED + "[loraplus]"],
     "lorafit/optim/reflora.py": ["tests/test_step_rules.py", PINNED + "[reflora]", PINNED + "[reflora_s]"],
     "lorafit/optim/trust_region.py": ["tests/test_ctr.py", PINNED + "[ctr]", PINNED + "[ctr_fisher_rank]", "-m", "not slow"],
     "lorafit/optim/ctr.py": ["tests/test_ctr.py", PINNED + "[ctr]", PINNED + "[ctr_fisher_rank]", "-m", "not slow"],
@@ -400,7 +400,9 @@ MUTANTS: list[Mutant] = [
     # --------------------------------------------------------------- optim/loraplus.py
     M("lorafit/optim/loraplus.py", 'return ratio * lr if role in OUTPUT_SIDE or (param.ndim == 1 and role != "delta") else lr',
       'return lr if role in OUTPUT_SIDE or (param.ndim == 1 and role != "delta") else ratio * lr', "scale", "λ on A instead of B"),
-    M("lorafit/optim/loraplus.py", 'OUTPUT_SIDE = ("B", "vector")', 'OUTPUT_SIDE = ("B",)', "term", "vectors (DoRA m, LoRA-Dash d) at lr"),
+    M("lorafit/optim/loraplus.py", 'OUTPUT_SIDE = ("B", "vector")', 'OUTPUT_SIDE = ("B",)', "term", "vectors (DoRA m, LoRA-Dash d) at lr",
+      equivalent='role "vector" is 1-D by definition (lorafit.adapters.ROLES: m, d, a bias), and every 1-D tensor '
+                 'but a "delta" gets λ·lr from the ndim clause anyway'),
     M("lorafit/optim/loraplus.py", '(param.ndim == 1 and role != "delta")', "(param.ndim == 1)", "term",
       "RoSA's sparse values (1-D, role delta) at λ·lr"),
     M("lorafit/optim/loraplus.py", 'return not (name.endswith("bias") or "norm" in module)', 'return not name.endswith("bias")',
