@@ -127,8 +127,9 @@ def summary(outcomes: list[Outcome]) -> str:
         counts[o.result] = counts.get(o.result, 0) + 1
     lines = ["| file | mutants | killed | timeout | equivalent | survived |", "|---|---|---|---|---|---|"]
     for f, c in files.items():
+        failed = f" (baseline failed: {c['baseline-failed']} not run)" if "baseline-failed" in c else ""
         lines.append(f"| {f.removeprefix('lorafit/')} | {sum(c.values())} | {c.get('killed', 0)} | "
-                     f"{c.get('timeout', 0)} | {c.get('equivalent', 0)} | {c.get('survived', 0)} |")
+                     f"{c.get('timeout', 0)} | {c.get('equivalent', 0)} | {c.get('survived', 0)}{failed} |")
     return "\n".join(lines)
 
 
