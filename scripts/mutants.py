@@ -229,6 +229,7 @@ TESTS: dict[str, list[str]] = {
     "lorafit/inits/svd.py": ["tests/test_inits.py"],
     "lorafit/inits/lora_ga.py": ["tests/test_lora_ga.py"],
     "lorafit/optim/basic.py": ["tests/test_train.py::test_warmup_ratio_rounds_to_whole_steps_and_every_schedule_warms_up",
+                               "tests/test_train.py::test_sgd_applies_its_momentum",
                                A + "test_rosa_sparse_values_get_their_own_learning_rate", "tests/test_step_rules.py",
                                PINNED + "[adamw]", PINNED + "[sgd]"],
     "lorafit/optim/loraplus.py": ["tests/test_loraplus.py", "tests/test_step_rules.py", PINNED + "[loraplus]"],

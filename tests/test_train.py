@@ -312,6 +312,19 @@ def test_warmup_ratio_rounds_to_whole_steps_and_every_schedule_warms_up(schedule
     assert got == pytest.approx(want)
 
 
+def test_sgd_applies_its_momentum() -> None:
+    """``optimizer=sgd optimizer.momentum=0.9``: v ← 0.9·v + g, θ ← θ − lr·v, two steps of g = 1 written
+    out (θ = −lr·(1 + 1.9)). Kills a momentum that never reaches torch's SGD (θ = −2·lr)."""
+    from lorafit.optim.basic import SGDConfig
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = SGDConfig(lr=0.1, momentum=0.9).build([("p", param)])
+    for _ in range(2):
+        param.grad = torch.ones(1)
+        optimizer.step()
+    assert param.item() == pytest.approx(-0.1 * (1 + 1.9))
+
+
 def test_batch_that_does_not_split_into_micro_batches_is_refused(tmp_path: Path) -> None:
     code, text = cli("train", f"output_dir={tmp_path / 'run'}", *QUIET, *TINY, *SENTIMENT,
                      "hardware.grad_accum_steps=3", "max_steps=2")
