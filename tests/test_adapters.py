@@ -205,10 +205,15 @@ def effective_weight(layer: nn.Module) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_effective_weight_matches_the_methods_md_formula(name: str, minilm_cfg) -> None:
-    cfg = make_config(name, target_modules=["query", "intermediate.dense", "output.dense"])
+    # (a pattern is a module's last name or a regex of its whole name: "output.dense" alone would match nothing)
+    cfg = make_config(name, target_modules=["query", r".*\.intermediate\.dense", r".*\.output\.dense"])
     layers = assemble(minilm_cfg, cfg, None, "classification", 2, seed=0).layers
     gen = torch.Generator().manual_seed(1)
-    for layer_name, layer in list(layers.items())[:6]:
+    # encoder layer 0's four targets: 384×384 twice, 1536×384 and 384×1536 — a layout bug that a square
+    # weight hides (RoSA's flat index read with the wrong width) shows in the other two
+    chosen = {n: layer for n, layer in layers.items() if ".layer.0." in n}
+    assert {tuple(layer.base.weight.shape) for layer in chosen.values()} == {(384, 384), (1536, 384), (384, 1536)}
+    for layer_name, layer in chosen.items():
         perturb(layer, gen)
         expected = reference_weight(name, layer, cfg)
         measured = effective_weight(layer)
@@ -275,6 +280,32 @@ def test_lora_dash_launch_picks_the_top_directions(minilm_cfg) -> None:
         sign = torch.sign(layer.dash_U[:, col].double() @ U[:, i])
         assert max_diff(layer.dash_U[:, col].double(), sign * U[:, i]) <= 1e-4
         assert max_diff(layer.dash_V[:, col].double(), sign * Vh[i]) <= 1e-4
+
+
+def test_lora_dash_callback_launches_after_step_t() -> None:
+    """``DashLaunch(t=2)`` driven step by step launches after the 2nd optimizer step (``trainer.step``
+    is 0-based: 1) and drops d's optimizer state only. Kills the launch a step late
+    (``trainer.step == t``) and a launch that keeps d's stale Adam moments."""
+    from types import SimpleNamespace
+
+    from lorafit.adapters.lora_dash import DashLaunch
+
+    torch.manual_seed(0)
+    layer = LoRADashConfig(r=2, alpha=4, t=2, s=2).wrap(nn.Linear(8, 6))
+    with torch.no_grad():
+        layer.lora_B.normal_()                                       # ΔW ≠ 0: directions to score
+    model = nn.Sequential(layer)
+    state = {layer.dash_d: {"exp_avg": torch.ones(2)}, layer.lora_A: {"exp_avg": torch.ones(2, 8)}}
+    trainer = SimpleNamespace(unwrapped=lambda: model, step=0, optimizer=SimpleNamespace(state=state))
+    callback = DashLaunch(2)
+    callback.on_train_start(trainer)
+    launched = []
+    for step in range(4):
+        trainer.step = step
+        callback.after_optimizer_step(trainer)
+        launched.append(bool(layer.dash_U.abs().sum() > 0))
+    assert launched == [False, True, True, True]
+    assert layer.dash_d not in state and layer.lora_A in state
 
 
 def test_rosa_mask_is_the_top_k_of_the_score() -> None:
@@ -564,6 +595,25 @@ def test_adalora_refuses_a_kept_triplets_set_by_hand() -> None:
     with pytest.raises(ConfigError, match=r"adapter.kept_triplets is written by training"):
         allocator.on_train_start(SimpleNamespace(total_steps=10))
     RankAllocator(make_config("adalora")).on_train_start(SimpleNamespace(total_steps=10))
+
+
+def test_adalora_triplet_score_adds_e_and_the_means_of_its_a_row_and_b_column() -> None:
+    """S_i = s(E_i) + mean_j s(A_ij) + mean_j s(B_ji) with s = Ī ⊙ Ū (paper eq. 11), from hand-set Ī, Ū.
+    Kills a score that drops a term: with random gradients the A and B means are nearly the same for
+    every triplet, so the PEFT mask parity cannot see one missing."""
+    from lorafit.adapters.adalora import RankAllocator
+
+    cfg = make_config("adalora", init_r=3, target_r=2)
+    layer = cfg.wrap(nn.Linear(5, 4))
+    allocator = RankAllocator(cfg)
+    gen = torch.Generator().manual_seed(0)
+    for pname, shape in (("lora_A", (3, 5)), ("lora_E", (3,)), ("lora_B", (4, 3))):
+        allocator.smoothed[f"l.{pname}"] = torch.rand(shape, generator=gen)
+        allocator.uncertainty[f"l.{pname}"] = torch.rand(shape, generator=gen)
+    s = {p: allocator.smoothed[f"l.{p}"].double() * allocator.uncertainty[f"l.{p}"].double()
+         for p in ("lora_A", "lora_E", "lora_B")}
+    want = [float(s["lora_E"][i] + s["lora_A"][i].mean() + s["lora_B"][:, i].mean()) for i in range(3)]
+    assert allocator.triplet_scores({"l": layer})["l"].tolist() == pytest.approx(want, abs=1e-6)
 
 
 @torch.no_grad()

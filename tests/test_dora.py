@@ -50,6 +50,24 @@ def test_effective_weight_matches_reference_formula(layer: DoRALinear) -> None:
     assert torch.allclose(layer.merged_weight(), expected, atol=1e-5)
 
 
+@torch.no_grad()
+def test_a_rebasing_init_recomputes_the_cached_norm_of_the_new_base() -> None:
+    """After PiSSA rewrites the base to ``W_res = W0 − s·B0A0``, m must be the row norms of the original
+    W0 and the layer must apply ``m ⊙ (W_res + sBA)/‖W_res + sBA‖`` once B moves. Kills a stale
+    cached ‖W0‖² (the norm of the base before the rebase) left in ``row_norm`` by ``reset_magnitude``."""
+    from lorafit.inits.svd import PiSSAInit
+
+    torch.manual_seed(0)
+    layer = DoRAConfig(r=4, alpha=8).wrap(nn.Linear(24, 16))
+    w0 = layer.base.weight.clone()
+    PiSSAInit().apply({"layer": layer})
+    assert (layer.base.weight - w0).abs().max() > 1e-2                     # the base really changed
+    assert torch.allclose(layer.magnitude, torch.linalg.vector_norm(w0, dim=1), atol=1e-5)
+    layer.lora_B.add_(torch.randn(layer.lora_B.shape) * 0.1)
+    expected = _reference_weight(layer.base.weight, layer.lora_A, layer.lora_B, layer.magnitude, layer.scaling)
+    assert torch.allclose((layer(torch.eye(24)) - layer.base.bias).T, expected, atol=1e-5)
+
+
 @pytest.mark.parametrize("recompute", [False, True])
 def test_norm_is_detached_in_the_gradient(layer: DoRALinear, recompute: bool) -> None:
     """Gradients equal those of the reference with ‖·‖ treated as a constant (paper §4.3), whether

@@ -272,6 +272,10 @@ def test_unsupported_peft_folders_are_refused_with_the_reason(bases, tmp_path: P
     (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps({**config, "rank_pattern": {"q_proj": 2}}))
     with pytest.raises(ConfigError, match=r"per-layer ranks"):
         load_adapted(tmp_path / "peft")
+    # per-layer alphas too (a missed alpha_pattern would load with the wrong scale on those layers)
+    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps({**config, "alpha_pattern": {"q_proj": 2}}))
+    with pytest.raises(ConfigError, match=r"per-layer ranks or alphas"):
+        load_adapted(tmp_path / "peft")
     (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "IA3"}))
     with pytest.raises(ConfigError, match=r"peft_type 'IA3'"):
         load_adapted(tmp_path / "peft")

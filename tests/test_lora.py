@@ -277,6 +277,29 @@ def test_tampered_base_is_refused(tiny_llama_run, tmp_path: Path) -> None:
     assert "tampered" in str(err.value) and "\n" not in str(err.value)
 
 
+def test_an_adapter_with_one_inf_is_not_written(tmp_path: Path) -> None:
+    """A diverged run must not leave a final adapter: a single inf (or NaN) entry stops ``save_adapter``
+    before anything is written. Kills a check that refuses only all-NaN tensors."""
+    model = nn.Sequential(LoRAConfig(r=2, alpha=4).wrap(nn.Linear(6, 4)))
+    with torch.no_grad():
+        model[0].lora_A[0, 0] = float("inf")
+    with pytest.raises(ConfigError, match="NaN or inf"):
+        save_adapter(tmp_path / "adapter", model, {"modules_to_save": []})
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_lorafits_own_files_win_over_an_old_layout_in_the_same_folder(tmp_path: Path) -> None:
+    """``adapter_files``: lorafit's names when present, the old (PEFT-named) layout only otherwise.
+    Kills reading a stray adapter_config.json instead of lorafit_adapter.json."""
+    from lorafit.adapters.io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_files
+
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, "adapter_config.json", "adapter_model.safetensors"):
+        (tmp_path / name).write_text("{}")
+    assert adapter_files(tmp_path) == (tmp_path / ADAPTER_CONFIG, tmp_path / ADAPTER_WEIGHTS)
+    (tmp_path / ADAPTER_CONFIG).unlink()
+    assert adapter_files(tmp_path) == (tmp_path / "adapter_config.json", tmp_path / "adapter_model.safetensors")
+
+
 def test_adapter_of_another_config_is_refused(minilm_cfg, tmp_path: Path) -> None:
     a = build(minilm_cfg, "classification")
     save_adapter(tmp_path / "adapter", a.model, a.meta)

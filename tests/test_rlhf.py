@@ -77,6 +77,14 @@ def test_ppo_clip_loss_and_clip_fraction_on_a_toy_batch() -> None:
     assert clipped.tolist() == [[True, True, False], [True, True, False]]
 
 
+def test_toy_reward_is_the_fraction_of_ids_in_its_range() -> None:
+    """TOKEN_RANGE is [1000, 4000): kills an off-by-one at either end and a wrong denominator."""
+    from lorafit.rlhf.toy import token_range_fraction
+
+    ids = [[999, 1000, 3999, 4000], [1000], [], [5, 4000, 2500]]
+    assert token_range_fraction(["p"] * 4, ["c"] * 4, ids) == pytest.approx([0.5, 1.0, 0.0, 1 / 3])
+
+
 def test_completion_mask_keeps_tokens_up_to_the_first_eos() -> None:
     completions = torch.tensor([[5, 6, 2, 7], [2, 9, 9, 9], [5, 5, 5, 5]])
     assert completion_mask(completions, 2).tolist() == [[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]]
@@ -152,6 +160,50 @@ def test_log_probs_follow_the_sampling_temperature_and_top_p_is_refused(tiny_lla
         RLTask(top_p=0.9)
 
 
+def test_log_probs_give_left_padded_rows_the_positions_of_their_real_tokens() -> None:
+    """Positions count real tokens only (0 at a row's first real token), as generation numbers them.
+    RoPE (the tiny Llama) cannot tell a uniform shift, so a stub model records the positions it is
+    given. Kills positions that count the left padding (``arange`` over the padded width)."""
+    from types import SimpleNamespace
+
+    seen = {}
+
+    def stub(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> SimpleNamespace:
+        seen["positions"] = position_ids
+        return SimpleNamespace(logits=torch.zeros(*input_ids.shape, 8))
+
+    ids = torch.tensor([[0, 0, 5, 6, 7], [1, 2, 3, 4, 5]])
+    token_logprobs(stub, ids, torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]), 2)
+    assert seen["positions"].tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+
+
+def test_advantages_are_rloo_of_the_reward_minus_the_kl_penalty(tiny_llama_cfg) -> None:
+    """``RLTask._score`` on two samples of one prompt: the advantages are RLOO of ``R = r − β·KL``, with
+    r the toy reward and KL the k1 sum of the sampling policy's log-probs minus the separately loaded
+    base model's, both written out here. Kills a KL that is added to the return instead of subtracted."""
+    from types import SimpleNamespace
+
+    from lorafit.rlhf.rl import RewardConfig, RLTask, Rollout
+
+    assembled, base = _adapted_llama(tiny_llama_cfg)
+    model = assembled.model.eval()
+    ids = torch.tensor([[101, 2000, 1500, 7592], [101, 2000, 3000, 1200]])   # one prompt, two completions
+    attn, mask = torch.ones_like(ids), torch.ones(2, 2)
+    task = RLTask(samples_per_prompt=2, kl_coef=0.5, reward=RewardConfig(function=TOY.partition("=")[2]))
+    with torch.no_grad():
+        logp, _ = token_logprobs(model, ids, attn, 2)
+        rollout = Rollout(ids, attn, mask, prompts=["p", "p"], completions=["a", "b"],
+                          completion_ids=ids[:, 2:].tolist(), old_logp=logp)
+        trainer = SimpleNamespace(unwrapped=lambda: model, accelerator=SimpleNamespace(device=torch.device("cpu")),
+                                  cfg=SimpleNamespace(data=SimpleNamespace(max_length=64)))
+        task._score(trainer, rollout)
+        ref = torch.log_softmax(base(input_ids=ids).logits[:, 1:3].double(), -1)
+    kl = [float((logp[i].double() - ref[i].gather(-1, ids[i, 2:, None]).squeeze(-1)).sum()) for i in range(2)]
+    shaped = [0.5 - 0.5 * kl[0], 1.0 - 0.5 * kl[1]]            # toy rewards: 1 of 2 ids in range, then 2 of 2
+    assert rollout.advantages.tolist() == pytest.approx([shaped[0] - shaped[1], shaped[1] - shaped[0]], abs=1e-5)
+    assert abs(kl[0] - kl[1]) > 1e-2                             # the KL term does move the advantages
+
+
 def test_reward_head_reads_the_last_non_padding_token(tiny_llama_cfg) -> None:
     assembled, _ = _adapted_llama(tiny_llama_cfg, "reward", 1)
     model, pad = assembled.model.eval(), assembled.tokenizer.pad_token_id
@@ -162,6 +214,22 @@ def test_reward_head_reads_the_last_non_padding_token(tiny_llama_cfg) -> None:
         hidden = model.model(input_ids=ids, attention_mask=attn).last_hidden_state
         want = model.score(torch.stack([hidden[0, 3], hidden[1, 1]]))[:, 0]
     assert got.tolist() == pytest.approx(want.tolist(), abs=1e-6)
+
+
+def test_pair_rewards_keep_each_pair_in_its_row() -> None:
+    """A (pairs, 2, length) batch gives (pairs, 2) rewards, [i, 0] pair i's chosen, [i, 1] its rejected:
+    checked with a stub whose reward is the sum of the unmasked ids. Kills unpacking the flat
+    (pairs·2,) rewards in the wrong order (``reshape(2, pairs).T``)."""
+    from types import SimpleNamespace
+
+    from lorafit.rlhf.reward import pair_rewards
+
+    def stub(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(logits=(input_ids * attention_mask).sum(-1, keepdim=True).float())
+
+    ids = torch.tensor([[[1, 2], [3, 0]], [[10, 20], [30, 40]], [[5, 5], [7, 0]]])
+    got = pair_rewards(stub, {"input_ids": ids, "attention_mask": (ids != 0).long()})
+    assert got.tolist() == [[3, 3], [30, 70], [10, 7]]
 
 
 # ------------------------------------------------------------------------ 3. data

@@ -290,6 +290,41 @@ def test_grad_accumulation_gives_the_same_adapter(kind: str, tmp_path: Path, alp
     assert max_diff(one, four) < 1e-5
 
 
+@pytest.mark.parametrize("scheduler,want", [
+    ("linear", [0.0, 0.5, 1.0, 7 / 8, 6 / 8]),    # 2 warm-up steps, then linear decay to 0 at step 10
+    ("constant", [0.0, 0.5, 1.0, 1.0, 1.0]),      # 2 warm-up steps, then constant
+])
+def test_warmup_ratio_rounds_to_whole_steps_and_every_schedule_warms_up(scheduler: str, want: list[float]) -> None:
+    """The learning rate per optimizer step, written out: ``warmup_ratio=0.17`` of 10 steps is 2 warm-up
+    steps (1.7 rounded), lr = peak·k/2 during them. Kills a floored warm-up (1 step) and a constant
+    schedule that skips its warm-up."""
+    from lorafit.optim.basic import AdamWConfig
+
+    cfg = AdamWConfig(lr=1.0, warmup_ratio=0.17, scheduler=scheduler)
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = cfg.build([("p", param)])
+    schedule = cfg.make_scheduler(optimizer, 10)
+    got = []
+    for _ in want:
+        got.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert got == pytest.approx(want)
+
+
+def test_sgd_applies_its_momentum() -> None:
+    """``optimizer=sgd optimizer.momentum=0.9``: v ← 0.9·v + g, θ ← θ − lr·v, two steps of g = 1 written
+    out (θ = −lr·(1 + 1.9)). Kills a momentum that never reaches torch's SGD (θ = −2·lr)."""
+    from lorafit.optim.basic import SGDConfig
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = SGDConfig(lr=0.1, momentum=0.9).build([("p", param)])
+    for _ in range(2):
+        param.grad = torch.ones(1)
+        optimizer.step()
+    assert param.item() == pytest.approx(-0.1 * (1 + 1.9))
+
+
 def test_batch_that_does_not_split_into_micro_batches_is_refused(tmp_path: Path) -> None:
     code, text = cli("train", f"output_dir={tmp_path / 'run'}", *QUIET, *TINY, *SENTIMENT,
                      "hardware.grad_accum_steps=3", "max_steps=2")
