@@ -493,9 +493,18 @@ def run_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
         return code
 
 
+def flags_first(argv: list[str]) -> list[str]:
+    """``lorafit train k=v -m k2=a,b`` → ``lorafit train -m k=v k2=a,b`` (argparse takes no flag
+    between two runs of positional overrides)."""
+    if not argv or argv[0] != "train":
+        return argv
+    flags = [w for w in argv[1:] if w in ("-m", "--multirun")]
+    return [argv[0], *flags, *(w for w in argv[1:] if w not in flags)]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(flags_first(argv))
     args.argv = argv
     quiet_libraries()
     if getattr(args, "help_config", None):
