@@ -41,6 +41,10 @@ SWEEP_MARKER = marker_name("sweep")
 """``lorafit_sweep.json``: marks a sweep folder and lists its runs (their overrides and folders)."""
 NOT_SWEPT = ("output_dir", "resume", "overwrite", "hardware.num_processes")
 """Keys a sweep decides itself (the root folder, resuming) or cannot vary (the process count)."""
+HARMLESS = ("output_dir", "progress", "eval_every", "save_every", "log_every", "keep_checkpoints", "logging.",
+            "tensorboard", "data.eval_batch_size")
+"""Common overrides that may change between two invocations of one sweep: they change neither the
+training nor the final dev metric (``save_every`` may be added to make the runs resumable)."""
 
 
 @dataclass
@@ -144,14 +148,14 @@ def _distinct_folders(runs: list[SweepRun]) -> None:
 
 
 # ------------------------------------------------------------------------------ the sweep folder
-def comparable(common: Sequence[str], harmless: Sequence[str]) -> list[str]:
-    """The common overrides that change what a run computes, canonical and sorted (what two
-    invocations of one sweep must agree on)."""
+def comparable(common: Sequence[str]) -> list[str]:
+    """The common overrides that change what a run computes or reports, canonical and sorted (what
+    two invocations of one sweep must agree on; :data:`HARMLESS` aside)."""
     out = []
     for item in common:
         key, _, value = item.partition("=")
         key = canonical_key(key)
-        if not key.startswith(tuple(harmless)):
+        if not key.startswith(HARMLESS):
             out.append(f"{key}={value}")
     return sorted(out)
 
@@ -163,8 +167,6 @@ def claim_sweep(root: Path, common: list[str], recipe: Optional[str], runs: list
         ConfigError: ``root`` is a file, holds files lorafit did not write, holds a single run, or
             holds a sweep with other common overrides (or another recipe).
     """
-    from lorafit.run import RESUME_HARMLESS as harmless   # keys that do not change what a run computes
-
     if root.exists() and not root.is_dir():
         raise ConfigError(f"output_dir={root} is a file, not a folder. Choose another output_dir for the sweep.")
     entries = sorted(p.name for p in root.iterdir() if p.name != _TMP) if root.is_dir() else []
@@ -186,7 +188,7 @@ def claim_sweep(root: Path, common: list[str], recipe: Optional[str], runs: list
         if foreign:
             raise ConfigError(f"The sweep folder {root} holds files lorafit did not write ({', '.join(foreign[:5])}). "
                               f"Move them away, or choose another output_dir.")
-        before, now = comparable(earlier["common"], harmless), comparable(common, harmless)
+        before, now = comparable(earlier["common"]), comparable(common)
         if before != now or earlier.get("recipe") != recipe_text:
             gone = [o for o in before if o not in now]
             new = [o for o in now if o not in before]
