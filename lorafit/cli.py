@@ -3,7 +3,9 @@
 ``lorafit train [--recipe FILE] [overrides]`` composes ``configs/train.yaml`` with Hydra, applies a
 recipe (a diff-only Hydra file, see ``recipes/``) and the overrides, validates everything against
 the schema, then assembles the model and runs the trainer. Overrides accept ``+adapter=dora`` as
-well as ``adapter=dora``, and ``optim`` as the short name of ``optimizer``.
+well as ``adapter=dora``, and ``optim`` as the short name of ``optimizer``. ``lorafit train -m``
+runs a sweep (``init=kaiming,pissa optimizer.lr=1e-4,1e-3``: one run per combination,
+:mod:`lorafit.sweep`); ``lorafit report SWEEP_DIR`` shows each method at its best learning rate.
 
 Every command runs inside one error boundary (:func:`run_command`): an expected failure — a bad
 config value, a missing or malformed file, a folder lorafit may not write, out of memory, a
