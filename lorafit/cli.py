@@ -3,7 +3,9 @@
 ``lorafit train [--recipe FILE] [overrides]`` composes ``configs/train.yaml`` with Hydra, applies a
 recipe (a diff-only Hydra file, see ``recipes/``) and the overrides, validates everything against
 the schema, then assembles the model and runs the trainer. Overrides accept ``+adapter=dora`` as
-well as ``adapter=dora``, and ``optim`` as the short name of ``optimizer``.
+well as ``adapter=dora``, and ``optim`` as the short name of ``optimizer``. ``lorafit train -m``
+runs a sweep (``init=kaiming,pissa optimizer.lr=1e-4,1e-3``: one run per combination,
+:mod:`lorafit.sweep`); ``lorafit report SWEEP_DIR`` shows each method at its best learning rate.
 
 Every command runs inside one error boundary (:func:`run_command`): an expected failure — a bad
 config value, a missing or malformed file, a folder lorafit may not write, out of memory, a
@@ -204,7 +206,14 @@ def start_processes(count: int, argv: Sequence[str]) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from lorafit.config import validate
     from lorafit.run import train
+    from lorafit.sweep import is_sweep
 
+    if args.multirun:
+        return train_sweep(args)
+    swept = is_sweep(args.overrides)
+    if swept is not None:
+        raise ConfigError(f"'{swept}' gives several values: that is a sweep. Add -m to train once per value "
+                          f"(lorafit train -m {' '.join(shlex.quote(o) for o in args.overrides)}), or give one value.")
     composed = compose("train", args.overrides, args.recipe)
     try:
         cfg = validate(composed)
@@ -221,6 +230,40 @@ def cmd_train(args: argparse.Namespace) -> int:
                           f"hardware.num_processes at 1 under torchrun / accelerate launch (they choose the count).")
     train(cfg)
     return 0
+
+
+def train_sweep(args: argparse.Namespace) -> int:
+    """``lorafit train -m``: expand the sweep, compose and validate every run, claim the sweep folder,
+    then train the runs one after another (:mod:`lorafit.sweep`)."""
+    from lorafit.config import validate
+    from lorafit.console import console
+    from lorafit.run import train
+    from lorafit.sweep import claim_sweep, expand, run_sweep, write_manifest
+
+    common, runs = expand(args.overrides)
+    configs = []
+    for number, run in enumerate(runs, start=1):
+        try:
+            configs.append(validate(compose("train", run.overrides, args.recipe)))
+        except ConfigError as exc:
+            shown = ", ".join(f"{k}={v}" for k, v in run.swept.items())
+            source = f" (with the recipe {args.recipe})" if args.recipe else ""
+            raise ConfigError(f"Sweep run {number} of {len(runs)} ({shown}){source} is invalid: {exc} Nothing has "
+                              f"run. Sweep a key only together with options that have it (split the sweep into one "
+                              f"`lorafit train -m` per option), or fix the value.") from None
+    if launched_processes() > 1 or any(c.hardware.num_processes > 1 for c in configs):
+        raise ConfigError("lorafit train -m runs its runs in this one process; it cannot run them across several "
+                          "processes yet. Drop hardware.num_processes (and torchrun / accelerate launch), or start "
+                          "each run yourself with `lorafit train hardware.num_processes=N output_dir=...`.")
+    root = Path(configs[0].output_dir)
+    manifest = claim_sweep(root, common, args.recipe, runs)
+    write_manifest(root, manifest)
+    console.print(f"lorafit train -m: {len(runs)} runs → {root}")
+
+    def describe(exc: BaseException, folder: Path) -> tuple[int, str, str]:
+        return failure(exc, str(folder), args.argv)
+
+    return run_sweep(root, runs, configs, train, describe)
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
@@ -286,9 +329,17 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from lorafit.eval.report import report
+    from lorafit.eval.report import is_sweep_folder, report, sweep_report
 
-    report(args.run_dirs, args.output_dir, overwrite=args.overwrite)
+    if len(args.run_dirs) == 1 and is_sweep_folder(Path(args.run_dirs[0])):
+        sweep_report(Path(args.run_dirs[0]), metric=args.metric, markdown=args.markdown, output_dir=args.output_dir,
+                     overwrite=args.overwrite)
+        return 0
+    if args.metric or args.markdown:
+        raise ConfigError("--metric and --markdown apply to a sweep folder (one folder written by `lorafit train -m`, "
+                          f"holding lorafit_sweep.json); {' '.join(args.run_dirs)} is not one. Drop them to compare "
+                          f"these runs side by side.")
+    report(args.run_dirs, args.output_dir or "report", overwrite=args.overwrite)
     return 0
 
 
@@ -299,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune with an adapter (Hydra overrides: key=value ...)")
     p.add_argument("--recipe", help="a recipe YAML from recipes/ (diff-only over configs/train.yaml)")
     p.add_argument("--help-config", metavar="GROUP", help="list the options and keys of a config group")
+    p.add_argument("-m", "--multirun", action="store_true",
+                   help="a sweep: one run per combination of the swept values (init=kaiming,pissa "
+                        "optimizer.lr=1e-4,1e-3), each in a folder under output_dir; re-running skips finished runs")
     p.add_argument("overrides", nargs="*", help="e.g. model=minilm +adapter=lora adapter.r=8 max_steps=100")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("estimate", help="predict a training run's peak memory per process (same overrides as train)")
@@ -340,10 +394,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
     p.set_defaults(func=cmd_chat)
-    p = sub.add_parser("report", help="compare runs side by side: metrics table and loss curves (report.md, loss.png)")
+    p = sub.add_parser("report", help="compare runs side by side: metrics table and loss curves (report.md, loss.png); "
+                                      "or a sweep folder: each method at its best learning rate")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
-                   help="training run folders or `lorafit eval` output folders")
-    p.add_argument("--output-dir", default="report", help="where report.md and loss.png go (default: report/)")
+                   help="training run folders or `lorafit eval` output folders, or one sweep folder (`train -m`)")
+    p.add_argument("--output-dir", help="where report.md (and loss.png) go (default: report/; for a sweep folder "
+                                        "the table is only printed unless this is given)")
+    p.add_argument("--metric", help="sweep folder: the dev metric that picks the best lr, NAME or SPLIT/NAME "
+                                    "(default: the first metric of the first split in results.json, e.g. accuracy)")
+    p.add_argument("--markdown", action="store_true", help="sweep folder: print the table as markdown")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier `lorafit report` output there")
     p.set_defaults(func=cmd_report)
     return parser
@@ -392,52 +451,62 @@ def crash_log(log_dir: Optional[str]) -> Path:
 
 
 def resume_command(argv: Sequence[str]) -> str:
-    """The command line that continues an interrupted ``lorafit train`` run."""
+    """The command line that continues an interrupted ``lorafit train`` run (a sweep: the same command)."""
     words = [w for w in argv if not re.match(r"^\+*resume=", w)]
-    return "lorafit " + " ".join(shlex.quote(w) for w in [*words, "resume=true"])
+    again = [] if {"-m", "--multirun"} & set(words) else ["resume=true"]
+    return "lorafit " + " ".join(shlex.quote(w) for w in [*words, *again])
 
 
-def run_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    """Run one command inside the error boundary; the exit code."""
+def failure(exc: BaseException, log_dir: Optional[str], argv: Sequence[str]) -> tuple[int, str, str]:
+    """(exit code, label, one paragraph) for an exception that ended a command (or one run of a sweep)."""
     import torch
 
     from lorafit.train.trainer import Interrupted
 
+    if isinstance(exc, ConfigError):
+        return 2, "error", str(exc)
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        device = "GPU" if isinstance(exc, torch.OutOfMemoryError) else "CPU"
+        return 2, "out of memory", (f"The {device} ran out of memory ({str(exc).splitlines()[0][:200]}). "
+                                    f"{OUT_OF_MEMORY_FIX}")
+    if isinstance(exc, Interrupted):
+        return 130, "interrupted", f"{exc} Resume with: {resume_command(argv)}"
+    if isinstance(exc, KeyboardInterrupt):
+        return 130, "interrupted", "Stopped by Ctrl-C."
+    if _in_process_group() and _peer_failed(exc):
+        return 2, "stopped", "Another process of this run failed (its message is above), so this one stopped too."
+    # a bug: keep the traceback for the report, show a short paragraph
+    log = crash_log(log_dir)
+    log.write_text(f"lorafit {' '.join(shlex.quote(w) for w in argv)}\n\n"
+                   f"{''.join(traceback.format_exception(type(exc), exc, exc.__traceback__))}")
+    text = str(exc).splitlines()[0][:200] if str(exc) else ""
+    return 1, "internal error", (f"This is a bug in lorafit, not a mistake of yours: {type(exc).__name__}: {text}. "
+                                 f"The full traceback is in {log}. Please report it with that file and the command "
+                                 f"you ran.")
+
+
+def run_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Run one command inside the error boundary; the exit code."""
     try:
         return args.func(args)
-    except ConfigError as exc:
-        say(args.command, "error", str(exc))
-        return 2
-    except (torch.OutOfMemoryError, MemoryError) as exc:
-        device = "GPU" if isinstance(exc, torch.OutOfMemoryError) else "CPU"
-        say(args.command, "out of memory", f"The {device} ran out of memory ({str(exc).splitlines()[0][:200]}). "
-                                           f"{OUT_OF_MEMORY_FIX}")
-        return 2
-    except Interrupted as exc:
-        say(args.command, "interrupted", f"{exc} Resume with: {resume_command(argv)}")
-        return 130
-    except KeyboardInterrupt:
-        say(args.command, "interrupted", "Stopped by Ctrl-C.")
-        return 130
-    except Exception as exc:
-        if _in_process_group() and _peer_failed(exc):
-            say(args.command, "stopped", "Another process of this run failed (its message is above), so this one "
-                                         "stopped too.")
-            return 2
-        # a bug: keep the traceback for the report, show a short paragraph
-        log = crash_log(getattr(args, "log_dir", None))
-        log.write_text(f"lorafit {' '.join(shlex.quote(w) for w in argv)}\n\n{traceback.format_exc()}")
-        kind, value = sys.exc_info()[:2]
-        say(args.command, "internal error", f"This is a bug in lorafit, not a mistake of yours: "
-                                            f"{kind.__name__}: {str(value).splitlines()[0][:200] if str(value) else ''}. "
-                                            f"The full traceback is in {log}. Please report it with that file and "
-                                            f"the command you ran.")
-        return 1
+    except (Exception, KeyboardInterrupt) as exc:
+        code, label, text = failure(exc, getattr(args, "log_dir", None), argv)
+        say(args.command, label, text)
+        return code
+
+
+def flags_first(argv: list[str]) -> list[str]:
+    """``lorafit train k=v -m k2=a,b`` → ``lorafit train -m k=v k2=a,b`` (argparse takes no flag
+    between two runs of positional overrides)."""
+    if not argv or argv[0] != "train":
+        return argv
+    flags = [w for w in argv[1:] if w in ("-m", "--multirun")]
+    return [argv[0], *flags, *(w for w in argv[1:] if w not in flags)]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(flags_first(argv))
     args.argv = argv
     quiet_libraries()
     if getattr(args, "help_config", None):

@@ -339,6 +339,13 @@ CASES: dict[str, Case] = {
                                                ["resume=true", "overwrite=true"])),
     "train_output_is_a_file": Case(lambda c: (["train", f"output_dir={c.folder('f', {'x': 'y'}) / 'x'}", *TINY,
                                                *SENTIMENT, "max_steps=1"], ["is a file"])),
+    # ---- sweeps (lorafit train -m): refused before any run starts
+    "sweep_key_one_option_lacks": train_case("-m", "optim=adamw,ctr", "optim.lr=1e-3",
+                                             needles=("Sweep run 2 of 2 (optimizer=ctr)", "'optimizer.lr'")),
+    "sweep_into_user_folder": Case(lambda c: (["train", "-m", f"output_dir={c.folder('mine', {'notes.txt': 'keep me'})}",
+                                               *TINY, *SENTIMENT, "max_steps=1", "seed=0,1"], ["notes.txt", "did not write"])),
+    "sweep_over_a_single_run": Case(lambda c: (["train", "-m", f"output_dir={c.run_copy()}", *RUN_ARGS, "seed=0,1"],
+                                               ["a single `lorafit train` run", "new or empty"])),
     # ---- resume
     "resume_changed_rank": resume_case("adapter.r=4", needles=("adapter.r", "8 → 4")),
     "resume_changed_lr": resume_case("optimizer.lr=0.001", needles=("optimizer.lr",)),

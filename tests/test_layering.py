@@ -17,7 +17,7 @@ LAYERS = [
     ("lorafit.inits", "lorafit.optim", "lorafit.rlhf"),
     ("lorafit.train",),
     ("lorafit.eval",),
-    ("lorafit.run", "lorafit.merge", "lorafit.export", "lorafit.cli", "lorafit.__main__"),
+    ("lorafit.run", "lorafit.sweep", "lorafit.merge", "lorafit.export", "lorafit.cli", "lorafit.__main__"),
 ]
 
 

@@ -264,3 +264,177 @@ def _print(labels: list[str], results: list[dict], curves: dict, out: Path) -> N
     results_console.print(table)
     extra = f", {out / 'loss.png'}" if curves else ""
     console.print(f"report → {out / 'report.md'}{extra}")
+
+
+# ------------------------------------------------------------------------------ sweep report
+LR_KEY = "optimizer.lr"
+"""The swept key whose best value is picked per group (every other swept key forms the groups)."""
+
+
+def is_sweep_folder(folder: Path) -> bool:
+    """A folder written by ``lorafit train -m`` (it holds ``lorafit_sweep.json``)."""
+    from lorafit.files import marker_name
+
+    return (Path(folder) / marker_name("sweep")).is_file()
+
+
+def _eval_curve(folder: Path, split: str, metric: str) -> list[tuple[int, float]]:
+    """(step, dev metric) of the evaluation records of ``metrics.jsonl`` for one split."""
+    file = folder / "metrics.jsonl"
+    if not file.is_file():
+        return []
+    from lorafit.files import read_text
+
+    curve = []
+    for line in read_text(file, "Metrics file").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        value = record.get(f"eval/{metric}")
+        if record.get("split") == split and isinstance(value, (int, float)):
+            curve.append((int(record["step"]), float(value)))
+    return curve
+
+
+def choose_metric(results: list[dict], wanted: Optional[str]) -> tuple[str, str]:
+    """(split, metric) that ranks a sweep: ``wanted`` (``NAME`` or ``SPLIT/NAME``), by default the first
+    ranked metric of the first split of the first run that has results."""
+    found = [res for res in results if res]
+    if not found:
+        raise ConfigError("No run of this sweep has results yet (results.json is written when a run finishes and "
+                          "has dev data). Finish the sweep (run the same `lorafit train -m` command again), then report.")
+    available = [(split, name) for res in found for split, values in res.items() if isinstance(values, dict)
+                 for name in values if name not in UNRANKED]
+    available = list(dict.fromkeys(available))
+    if wanted is None:
+        if not available:
+            raise ConfigError("The sweep's results.json files hold no metric to rank runs by.")
+        return available[0]
+    split, _, name = wanted.rpartition("/")
+    matches = [(s, n) for s, n in available if n == name and (not split or s == split)]
+    if not matches:
+        shown = ", ".join(f"{s}/{n}" for s, n in available)
+        raise ConfigError(f"--metric {wanted} is not in the sweep's results. Available: {shown}. "
+                          f"Give one of them (NAME, or SPLIT/NAME when several splits have it).")
+    return matches[0]
+
+
+def _lr_text(value: Optional[str]) -> str:
+    """``0.0003`` → ``3e-4`` (learning rates read best in that form)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value) if value is not None else "–"
+    mantissa, exponent = f"{number:.2e}".split("e")
+    mantissa = mantissa.rstrip("0").rstrip(".")
+    return f"{mantissa}e{int(exponent)}" if number and not 0.1 <= abs(number) < 1000 else f"{number:g}"
+
+
+def quarters(curve: list[tuple[int, float]]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The first and the last quarter of a run's steps, ``(1, ⌈N/4⌉)`` and ``(N − ⌈N/4⌉ + 1, N)``."""
+    end = max(step for step, _ in curve)
+    quarter = max(1, math.ceil(end / 4))
+    return (1, quarter), (end - quarter + 1, end)
+
+
+def _mean_loss(curve: list[tuple[int, float]], window: tuple[int, int]) -> Optional[float]:
+    """Mean training loss over the logged steps ``first..last`` (inclusive)."""
+    values = [loss for step, loss in curve if window[0] <= step <= window[1]]
+    return sum(values) / len(values) if values else None
+
+
+def sweep_rows(folder: Path, metric: Optional[str] = None) -> tuple[str, str, list[dict]]:
+    """(split, metric, one row per group of runs): each group (the swept values other than the
+    learning rate) at its best ``optimizer.lr`` on the dev metric, with every lr's value, the best
+    run's dev metric at each evaluation and its mean training loss over the first and last quarter
+    of the steps (the loss curve's early mean judges which converges faster)."""
+    from lorafit.files import marker_name, read_json
+
+    manifest = read_json(folder / marker_name("sweep"), "Sweep manifest")
+    runs = manifest.get("runs") if isinstance(manifest, dict) else None
+    if not isinstance(runs, list) or not runs:
+        raise ConfigError(f"Sweep manifest {folder / marker_name('sweep')} lists no runs. It was damaged or the sweep "
+                          f"never started; run `lorafit train -m ...` with output_dir={folder}.")
+    results = [_read_json(folder / run["folder"] / "results.json") or {} for run in runs]
+    split, name = choose_metric(results, metric)
+    lower = name in LOWER_IS_BETTER
+    groups: dict[tuple, list[tuple[dict, Optional[float]]]] = {}
+    for run, res in zip(runs, results):
+        key = tuple((k, v) for k, v in run["swept"].items() if k != LR_KEY)
+        value = res.get(split, {}).get(name)
+        groups.setdefault(key, []).append((run, value if isinstance(value, (int, float)) else None))
+    rows = []
+    for key, members in groups.items():
+        members.sort(key=lambda m: _sort_number(m[0]["swept"].get(LR_KEY)))
+        scored = [m for m in members if m[1] is not None and math.isfinite(m[1])]
+        best = (min if lower else max)(scored, key=lambda m: m[1]) if scored else None
+        run_dir = folder / best[0]["folder"] if best else None
+        curve = _train_curve(run_dir) if run_dir else []
+        early, late = quarters(curve) if curve else ((0, 0), (0, 0))
+        rows.append({"group": ", ".join(f"{k}={v}" for k, v in key) or "all runs",
+                     "best_lr": best[0]["swept"].get(LR_KEY) if best else None,
+                     "best": best[1] if best else None,
+                     "folder": best[0]["folder"] if best else None,
+                     "by_lr": [(m[0]["swept"].get(LR_KEY), m[1]) for m in members],
+                     "evals": _eval_curve(run_dir, split, name) if run_dir else [],
+                     "early": early, "late": late,
+                     "loss_early": _mean_loss(curve, early), "loss_late": _mean_loss(curve, late)})
+    return split, name, rows
+
+
+def _sort_number(value: Optional[str]) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.inf
+
+
+def _sweep_cells(row: dict) -> list[str]:
+    """group, best lr, metric at best, dev metric at each eval, early / late loss, every lr's metric."""
+    def num(v: Optional[float]) -> str:
+        return "–" if v is None else f"{v:.4f}"
+
+    evals = ", ".join(f"{step}: {value:.4f}" for step, value in row["evals"]) or "–"
+    by_lr = ", ".join(f"{_lr_text(lr)}: {num(v)}" for lr, v in row["by_lr"])
+    return [row["group"], _lr_text(row["best_lr"]) if row["best"] is not None else "–", num(row["best"]), evals,
+            num(row["loss_early"]), num(row["loss_late"]), by_lr]
+
+
+def sweep_markdown(folder: Path, split: str, metric: str, rows: list[dict]) -> str:
+    """The sweep table as markdown (what ``--markdown`` prints and ``report.md`` holds)."""
+    early, late = next(((r["early"], r["late"]) for r in rows if r["loss_early"] is not None), ((0, 0), (0, 0)))
+    head = ["group", "best lr", f"{split} {metric}", f"{metric} by step (best lr)",
+            f"train loss, steps {early[0]}–{early[1]}", f"train loss, steps {late[0]}–{late[1]}",
+            f"{metric} at each lr"]
+    lines = [f"Sweep {folder}: each group at its best {LR_KEY} on {split} {metric}.", "",
+             "| " + " | ".join(head) + " |", "|---|" + "---:|" * 5 + "---|"]
+    lines += ["| " + " | ".join(_sweep_cells(row)) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def sweep_report(folder: Path, metric: Optional[str] = None, markdown: bool = False,
+                 output_dir: Optional[str] = None, overwrite: bool = False) -> list[dict]:
+    """``lorafit report SWEEP_DIR``: print each group's best learning rate (a rich table, or markdown);
+    with ``output_dir`` also write it to ``report.md`` there. Returns the rows."""
+    split, name, rows = sweep_rows(folder, metric)
+    text = sweep_markdown(folder, split, name, rows)
+    if markdown:
+        print(text, end="")
+    else:
+        table = Table(title=f"lorafit report {folder}: each group at its best {LR_KEY} ({split} {name})")
+        for column in ("group", "best lr", f"{split} {name}", f"{name} by step", "loss first ¼", "loss last ¼",
+                       f"{name} at each lr"):
+            table.add_column(column, justify="left" if column == "group" else "right", no_wrap=column == "group")
+        for row in rows:
+            table.add_row(*_sweep_cells(row))
+        results_console.print(table)
+        console.print("loss first/last ¼: mean training loss of the best run over the first/last quarter of its "
+                      "steps (of the steps logged: log_every=1 logs every one).")
+    if output_dir:
+        out = Path(output_dir)
+        with new_output(out, "report", overwrite, "--overwrite", protected=[folder]) as tmp:
+            (tmp / "report.md").write_text("# lorafit report\n\n" + text)
+            publish(tmp, out, "report", {"sweep": str(folder.resolve())})
+        console.print(f"report → {out / 'report.md'}")
+    return rows
