@@ -21,7 +21,8 @@ class Schedule:
         lr: peak learning rate. Default: 5e-4 (AdamW) / 1e-2 (SGD).
         weight_decay: decoupled (AdamW) or L2 (SGD) weight decay on every trainable tensor.
         scheduler: ``linear`` decay to 0, ``cosine`` decay to 0, or ``constant`` — after warm-up.
-        warmup_steps: linear warm-up steps; if 0, ``warmup_ratio`` × total steps is used.
+        warmup_steps: linear warm-up steps; if 0, ``warmup_ratio`` × total steps, rounded to the nearest
+            step (transformers' ``Trainer`` rounds up: 0.06 × 50 is 3 in both, 0.06 × 20 is 1 here, 2 there).
     """
 
     lr: float = 5e-4
