@@ -68,7 +68,9 @@ def svd_factors(weight: torch.Tensor, r: int, scaling: float, minor: bool = Fals
 def qr_factors(weight: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(R[:r], Q[:, :r]) of ``weight = Q R`` (Householder) from its first r columns only."""
     Q, R = torch.linalg.qr(weight[:, :r])
-    return torch.cat([R, Q.T @ weight[:, r:]], 1), Q
+    A = Q.T @ weight           # r×n (of all columns: ``weight[:, r:]`` would be copied whole for the product)
+    A[:, :r] = R               # exactly upper triangular there
+    return A, Q
 
 
 @dataclass
