@@ -20,7 +20,7 @@ about ε₆₄·σ₁²/(σ_i² − σ_j²), where an fp32 SVD is off by ε₃�
 matrix's singular triplets below ε₃₂·σ₁ ≈ 6·10⁻⁸·σ₁ are set by the rounding of its entries anyway.
 S_r = ‖W v_i‖ (not √λ_i, which is off by ε₆₄·σ₁²/σ_i) is within about ε₆₄·σ₁ of σ_i. So for inputs
 of fp32 precision or less the result is at least as accurate as an fp32 SVD; an fp64 input is
-refused (it would get fp32 accuracy). A zero singular value gives a zero column of U.
+refused (it would get fp32 accuracy). A zero ‖W v_i‖ gives a zero column of U (of V when m < n).
 """
 
 from __future__ import annotations

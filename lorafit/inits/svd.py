@@ -9,16 +9,15 @@
   minor singular components), exact.
 - ``init=olora`` (Büyükakyüz, 2024, arXiv 2406.01775): ``Q, R = qr(W0)``, ``B = Q[:, :r]``,
   ``A = R[:r]``, no rescaling. Householder QR's first r columns of Q depend only on the first r
-  columns of W0, so ``Q_r, R_rr = qr(W0[:, :r])`` and ``R[:r, r:] = Q_rᵀ W0[:, r:]``: the same
-  factors without the full Q and R.
+  columns of W0, so ``Q_r, R_rr = qr(W0[:, :r])`` and ``R[:r] = Q_rᵀ W0`` (``R_rr`` in its first r
+  columns): the same factors without the full Q and R.
 
 In every case the base becomes ``W0 − s·B A`` (``LoRALinear.rebase``), so the model is unchanged at
 step 0, and the saved adapter stores the starting factors (``init_A``, ``init_B``): loading it onto
 the *original* base rebuilds the residual, and ``lorafit merge`` onto the original base gives the
 trained model. All decompositions run on the layer's device, one layer at a time (a quantised
 layer is dequantised for its own decomposition and residual only), and the residual is formed in
-place. The papers recommend α = r
-(s = 1) and no dropout for PiSSA and MiLoRA.
+place. The papers recommend α = r (s = 1) and no dropout for PiSSA and MiLoRA.
 """
 
 from __future__ import annotations
