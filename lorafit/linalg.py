@@ -53,6 +53,7 @@ def _eigenvectors(G: torch.Tensor, first: int, last: int) -> torch.Tensor:
     return torch.linalg.eigh(G).eigenvectors[:, first:last + 1]
 
 
+@torch.no_grad()
 def singular_triplets(W: torch.Tensor, r: int, minor: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(U_r, S_r, V_r)`` of ``W`` (m×n): its r largest (``minor``: smallest) singular triplets.
 
