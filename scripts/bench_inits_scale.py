@@ -14,8 +14,11 @@ size of the largest target layer's weight in fp32, the "one layer" the SVD inits
 - ``pissa`` (exact SVD per layer), ``pissa_fast`` (``niter=4``), ``milora``, ``olora``;
 - ``spectral``: Spectral-A's top-r SVD per layer as it wraps the layers (``adapter=spectral_a``);
 - ``lora_ga``: LoRA-GA's mean gradient over 2 batches of 2 × 128 tokens (its running sums: one fp32
-  out×in matrix per target, 3.9 GB here), then ``lora_ga_gm1``: the same with
-  ``init.gradient_memory=1`` (GiB: the targets in groups whose sums fit, one pass each).
+  out×in matrix per target, 3.9 GB here), then ``lora_ga_gmX``: the same with
+  ``init.gradient_memory=X`` (GiB: the targets in groups whose sums fit, one pass each; X = 1 by
+  default, 0.25 and 0.05 on request). Its gradient pass keeps a training step's activations, so
+  next to it: the peak of one ordinary training backward on the same batch (LoRA trainable),
+  measured first in the same process.
 
 On ``--quantization nf4`` the SVD inits dequantise one layer at a time and quantise the residual
 again; LoRA-GA takes W0's gradients from hooks.
@@ -35,7 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 from bench_scale import TARGETS, Poller, rss  # noqa: E402
 
-VARIANTS = ["olora", "pissa_fast", "pissa", "milora", "spectral", "lora_ga", "lora_ga_gm1"]
+VARIANTS = ["olora", "pissa_fast", "pissa", "milora", "spectral", "lora_ga", "lora_ga_gm1", "lora_ga_gm0.25",
+            "lora_ga_gm0.05"]
 MiB = 2 ** 20
 
 
@@ -66,13 +70,21 @@ def worker(args) -> dict:
     with torch.no_grad():     # fault every weight in first: training reads them all anyway, and pages
         for p in model.parameters():    # first touched by the init would be counted as its memory
             p.float().sum() if p.is_floating_point() else None
+    step_peak = None
+    if method.startswith("lora_ga"):   # what a training step on the same batches holds anyway (activations)
+        before = rss()
+        with Poller(0.002) as poller:
+            batch = batches[0]
+            head_loss(model(input_ids=batch["input_ids"]).logits, batch["labels"], "causal_lm").backward()
+        model.zero_grad(set_to_none=True)
+        step_peak = poller.peak - before
     before = rss()
     t0 = time.perf_counter()
     with Poller(0.002) as poller:
         if method == "spectral":
             attach(model, SpectralConfig(r=16), targets)
         elif method.startswith("lora_ga"):
-            cfg = LoRAGAInit(batches=2, batch_size=2, gradient_memory=1.0 if method.endswith("gm1") else 0.0)
+            cfg = LoRAGAInit(batches=2, batch_size=2, gradient_memory=float(method.partition("_gm")[2] or 0))
             factors = {}
             init = GradientInit(cfg)
             from lorafit.inits.lora_ga import gradient_sums, lora_ga_factors
@@ -90,13 +102,14 @@ def worker(args) -> dict:
             {"pissa": PiSSAInit(), "pissa_fast": PiSSAInit(niter=4), "milora": MiLoRAInit(),
              "olora": OLoRAInit()}[method].apply(layers)
     return {"variant": method, "quantization": args.quantization, "init_s": time.perf_counter() - t0,
-            "peak_above_model": poller.peak - before, "largest_layer_fp32": biggest, "layers": len(targets)}
+            "peak_above_model": poller.peak - before, "largest_layer_fp32": biggest, "layers": len(targets),
+            "training_step_peak": step_peak}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=str(ROOT / "runs" / "bench_scale" / "model-1.1b"))
-    p.add_argument("--variants", nargs="*", default=VARIANTS, choices=VARIANTS)
+    p.add_argument("--variants", nargs="*", default=VARIANTS[:7], choices=VARIANTS)
     p.add_argument("--quantization", nargs="*", default=["none", "nf4"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_inits_scale.json")
@@ -125,11 +138,13 @@ def main() -> None:
             results[key] = json.loads(line[len("RESULT "):])
             args.out.write_text(json.dumps(results, indent=1))
     if args.markdown:
-        print("| init | base | time | peak above the model | × the largest layer (fp32) |")
-        print("|---|---|---:|---:|---:|")
+        print("| init | base | time | peak above the model | × the largest layer (fp32) | a training step's peak |")
+        print("|---|---|---:|---:|---:|---:|")
         for key, r in results.items():
+            step = r.get("training_step_peak")
             print(f"| {r['variant']} | {r['quantization']} | {r['init_s']:.0f} s | {r['peak_above_model'] / MiB:,.0f} MiB "
-                  f"| {r['peak_above_model'] / r['largest_layer_fp32']:.1f} |")
+                  f"| {r['peak_above_model'] / r['largest_layer_fp32']:.1f} | "
+                  f"{'' if step is None else f'{step / MiB:,.0f} MiB'} |")
 
 
 if __name__ == "__main__":

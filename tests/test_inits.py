@@ -115,9 +115,16 @@ def test_parity_with_peft(init: str, peft_name: str, minilm_cfg) -> None:
                                                        init_lora_weights=peft_name))
     for name, layer in ours.layers.items():
         module = theirs.base_model.model.get_submodule(name)
-        assert relative(layer.lora_A, module.lora_A["default"].weight) <= 1e-5
-        assert relative(layer.lora_B, module.lora_B["default"].weight) <= 1e-5
-        assert relative(layer.base.weight, module.base_layer.weight) <= 1e-5
+        A, B = module.lora_A["default"].weight, module.lora_B["default"].weight
+        # PiSSA's singular vectors are each defined up to sign (PEFT's LAPACK SVD and our Gram route
+        # may pick either): a pair (row i of A, column i of B) may flip together — the same s·BA and
+        # the same training, mirrored; the rows themselves must match, to PEFT's fp32 SVD's accuracy
+        # (its top vectors here are ~1e-5 off the fp64 SVD's, ours ~1e-8). OLoRA's Householder QR: exactly.
+        signs = torch.sign((layer.lora_A * A).sum(1)) if init == "pissa" else torch.ones(A.shape[0])
+        tol = 1e-4 if init == "pissa" else 1e-5
+        assert relative(layer.lora_A, signs[:, None] * A) <= tol
+        assert relative(layer.lora_B, B * signs[None, :]) <= tol
+        assert relative(layer.base.weight, module.base_layer.weight) <= tol
     with torch.no_grad():
         ids = probe_ids()
         assert relative(ours.model.eval()(input_ids=ids).logits, theirs.eval()(input_ids=ids).logits) <= 1e-4

@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lorafit"
 # Bottom to top; a module may import its own layer and the layers below.
 LAYERS = [
     ("lorafit", "lorafit.config", "lorafit.files", "lorafit.console", "lorafit.callbacks", "lorafit.metrics",
-     "lorafit.quant"),
+     "lorafit.quant", "lorafit.linalg"),
     ("lorafit.models", "lorafit.data", "lorafit.adapters"),
     ("lorafit.task", "lorafit.assemble", "lorafit.estimate"),
     ("lorafit.inits", "lorafit.optim", "lorafit.rlhf"),

@@ -127,8 +127,10 @@ class LoRALinear(AdditiveAdapter):
         self.lora_B.copy_(B0)
         self.register_buffer("init_A", self.lora_A.detach().clone())
         self.register_buffer("init_B", self.lora_B.detach().clone())
-        # a quantised base gets the residual quantised again (as PEFT does for PiSSA on 4 bits)
-        set_dense_weight(self.base, dense_weight(self.base) - self.scaling * (self.init_B @ self.init_A))
+        # formed in place: in W0 itself on an fp32 base, else in its fp32 copy, which a quantised base
+        # gets quantised again (as PEFT does for PiSSA on 4 bits); no out×in temporary besides
+        residual = dense_weight(self.base).addmm_(self.init_B, self.init_A, alpha=-self.scaling)
+        set_dense_weight(self.base, residual)
         self.after_init()
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:

@@ -229,9 +229,11 @@ class GradientInit(Callback):
         batches = ({k: v.to(acc.device) for k, v in collate(list(trainer.train_set.select(
                     order[b * cfg.batch_size:(b + 1) * cfg.batch_size])), trainer.pad_id).items()} for b in mine)
         sums = gradient_sums(model, layers, batches, loss_of, total=len(mine), show=acc.is_main_process)
-        if acc.num_processes > 1:
-            sums = {n: acc.reduce(s.to(acc.device), "sum").cpu() for n, s in sums.items()}
-        return {n: s / cfg.batches for n, s in sums.items()}
+        for name in sums:           # one sum at a time, in place: never a second copy of all of them
+            if acc.num_processes > 1:
+                sums[name] = acc.reduce(sums[name].to(acc.device), "sum").cpu()
+            sums[name].div_(cfg.batches)
+        return sums
 
     # ------------------------------------------------------------------- cache
     def cache_key(self, trainer: Any) -> dict:

@@ -1,25 +1,29 @@
 """Inits that start LoRA's factors from W0 itself and leave the residual in the base (methods.md).
 
 - ``init=pissa`` (Meng et al., 2024, arXiv 2404.02948): ``W0 = U S Vᵀ``, the **top** r triplets,
-  ``S_r ← S[:r]/s``, ``A = diag(√S_r) Vᵀ[:r]``, ``B = U[:, :r] diag(√S_r)``; exact SVD
-  (``torch.linalg.svd``) or, with ``init.niter=K``, the randomised ``torch.svd_lowrank(W0, q=r,
-  niter=K)`` ("PiSSA fast").
+  ``S_r ← S[:r]/s``, ``A = diag(√S_r) Vᵀ[:r]``, ``B = U[:, :r] diag(√S_r)``; exact (the r triplets
+  from the fp64 Gram matrix, :func:`lorafit.linalg.singular_triplets`: as accurate as an fp32 SVD
+  in about one layer of memory) or, with ``init.niter=K``, the randomised
+  ``torch.svd_lowrank(W0, q=r, niter=K)`` ("PiSSA fast").
 - ``init=milora`` (Wang et al., 2024, arXiv 2406.09044): the same on the **last** r triplets (the
-  minor singular components), exact SVD.
+  minor singular components), exact.
 - ``init=olora`` (Büyükakyüz, 2024, arXiv 2406.01775): ``Q, R = qr(W0)``, ``B = Q[:, :r]``,
-  ``A = R[:r]``, no rescaling.
+  ``A = R[:r]``, no rescaling. Householder QR's first r columns of Q depend only on the first r
+  columns of W0, so ``Q_r, R_rr = qr(W0[:, :r])`` and ``R[:r] = Q_rᵀ W0`` (``R_rr`` in its first r
+  columns): the same factors without the full Q and R.
 
 In every case the base becomes ``W0 − s·B A`` (``LoRALinear.rebase``), so the model is unchanged at
 step 0, and the saved adapter stores the starting factors (``init_A``, ``init_B``): loading it onto
 the *original* base rebuilds the residual, and ``lorafit merge`` onto the original base gives the
-trained model. All decompositions run in fp32 on the layer's device. The papers recommend α = r
-(s = 1) and no dropout for PiSSA and MiLoRA.
+trained model. All decompositions run on the layer's device, one layer at a time (a quantised
+layer is dequantised for its own decomposition and residual only), and the residual is formed in
+place. The papers recommend α = r (s = 1) and no dropout for PiSSA and MiLoRA.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import Callable, ClassVar, Optional
 
 import torch
 from rich.progress import Progress
@@ -28,16 +32,24 @@ from torch import nn
 from lorafit.console import console
 from lorafit.config import check_range
 from lorafit.inits.basic import _lora_factors
+from lorafit.linalg import singular_triplets
 from lorafit.quant import dense_weight
 
+Factors = Callable[[torch.Tensor, nn.Module], tuple[torch.Tensor, torch.Tensor]]
 
-def _each_layer(layers: dict[str, nn.Module], what: str):
-    """(name, layer, W0 in fp32) for every layer, with a progress bar (SVDs of big layers take a while)."""
+
+def rebase_each(layers: dict[str, nn.Module], what: str, factors: Factors) -> None:
+    """Rebase every layer on ``factors(W0 in fp32, layer) → (A0, B0)``, one layer at a time.
+
+    W0 is dequantised on a quantised base and dropped before the rebase (which forms the residual
+    from the layer itself), so a layer's decomposition and its residual never overlap in memory.
+    """
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task(what, total=len(layers))
         for name, layer in layers.items():
             _lora_factors(name, layer)   # a LoRA-factor adapter, or a clear error
-            yield name, layer, dense_weight(layer.base)   # dequantised on a quantised base
+            A0, B0 = factors(dense_weight(layer.base), layer)
+            layer.rebase(A0, B0)
             progress.advance(task)
 
 
@@ -45,14 +57,19 @@ def svd_factors(weight: torch.Tensor, r: int, scaling: float, minor: bool = Fals
                 niter: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, B) with ``s·B A`` = the top (or, ``minor``, the last) r singular triplets of ``weight``."""
     if niter is None:
-        U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
-        picked = slice(len(S) - r, len(S)) if minor else slice(0, r)
-        U, S, Vh = U[:, picked], S[picked], Vh[picked]
+        U, S, V = singular_triplets(weight, r, minor)
     else:
         U, S, V = torch.svd_lowrank(weight, q=r, niter=niter)
-        Vh = V.T
     root = (S / scaling).sqrt()
-    return root[:, None] * Vh, U * root[None, :]
+    return root[:, None] * V.T, U * root[None, :]
+
+
+def qr_factors(weight: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R[:r], Q[:, :r]) of ``weight = Q R`` (Householder) from its first r columns only."""
+    Q, R = torch.linalg.qr(weight[:, :r])
+    A = Q.T @ weight           # r×n (of all columns: ``weight[:, r:]`` would be copied whole for the product)
+    A[:, :r] = R               # exactly upper triangular there
+    return A, Q
 
 
 @dataclass
@@ -72,8 +89,7 @@ class PiSSAInit:
             check_range("init.niter", self.niter, 0)
 
     def apply(self, layers: dict[str, nn.Module]) -> None:
-        for _, layer, weight in _each_layer(layers, "PiSSA init"):
-            layer.rebase(*svd_factors(weight, layer.r, layer.scaling, niter=self.niter))
+        rebase_each(layers, "PiSSA init", lambda w, layer: svd_factors(w, layer.r, layer.scaling, niter=self.niter))
 
 
 @dataclass
@@ -83,8 +99,7 @@ class MiLoRAInit:
     rewrites_base: ClassVar[bool] = True      # W0 ← W0 − s·B0 A0 (LoRALinear.rebase)
 
     def apply(self, layers: dict[str, nn.Module]) -> None:
-        for _, layer, weight in _each_layer(layers, "MiLoRA init"):
-            layer.rebase(*svd_factors(weight, layer.r, layer.scaling, minor=True))
+        rebase_each(layers, "MiLoRA init", lambda w, layer: svd_factors(w, layer.r, layer.scaling, minor=True))
 
 
 @dataclass
@@ -94,6 +109,4 @@ class OLoRAInit:
     rewrites_base: ClassVar[bool] = True      # W0 ← W0 − s·B0 A0 (LoRALinear.rebase)
 
     def apply(self, layers: dict[str, nn.Module]) -> None:
-        for _, layer, weight in _each_layer(layers, "OLoRA init"):
-            Q, R = torch.linalg.qr(weight)
-            layer.rebase(R[:layer.r], Q[:, :layer.r])
+        rebase_each(layers, "OLoRA init", lambda w, layer: qr_factors(w, layer.r))
