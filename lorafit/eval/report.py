@@ -110,22 +110,26 @@ def _read_json(file: Path) -> Optional[dict]:
     return data
 
 
-def _train_curve(folder: Path) -> list[tuple[int, float]]:
-    """(step, loss) of the training records of ``metrics.jsonl`` (evaluation rows skipped)."""
+def _records(folder: Path) -> list[dict]:
+    """The rows of ``metrics.jsonl`` (none if absent; a line cut short by a killed run skipped)."""
     file = folder / "metrics.jsonl"
     if not file.is_file():
         return []
-    curve = []
     from lorafit.files import read_text
 
+    records = []
     for line in read_text(file, "Metrics file").splitlines():
         try:
-            record = json.loads(line)
+            records.append(json.loads(line))
         except json.JSONDecodeError:
-            continue  # a line cut short by a killed run
-        if "split" not in record and isinstance(record.get("loss"), (int, float)) and "step" in record:
-            curve.append((int(record["step"]), float(record["loss"])))
-    return curve
+            continue
+    return records
+
+
+def _train_curve(folder: Path) -> list[tuple[int, float]]:
+    """(step, loss) of the training records of ``metrics.jsonl`` (evaluation rows skipped)."""
+    return [(int(r["step"]), float(r["loss"])) for r in _records(folder)
+            if "split" not in r and isinstance(r.get("loss"), (int, float)) and "step" in r]
 
 
 def _run_summary(folder: Path) -> dict[str, str]:
@@ -280,21 +284,8 @@ def is_sweep_folder(folder: Path) -> bool:
 
 def _eval_curve(folder: Path, split: str, metric: str) -> list[tuple[int, float]]:
     """(step, dev metric) of the evaluation records of ``metrics.jsonl`` for one split."""
-    file = folder / "metrics.jsonl"
-    if not file.is_file():
-        return []
-    from lorafit.files import read_text
-
-    curve = []
-    for line in read_text(file, "Metrics file").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        value = record.get(f"eval/{metric}")
-        if record.get("split") == split and isinstance(value, (int, float)):
-            curve.append((int(record["step"]), float(value)))
-    return curve
+    return [(int(r["step"]), float(r[f"eval/{metric}"])) for r in _records(folder)
+            if r.get("split") == split and isinstance(r.get(f"eval/{metric}"), (int, float))]
 
 
 def choose_metric(results: list[dict], wanted: Optional[str]) -> tuple[str, str]:
