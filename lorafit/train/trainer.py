@@ -106,13 +106,15 @@ class StepClosure:
             if rows:
                 index = torch.tensor(rows, device=batch["input_ids"].device)
                 kept.append({k: v.index_select(0, index) for k, v in batch.items()})
-        units = float(sum(self.trainer.cfg.task.count_units(b) for b in kept))
-        units = float(self.reduce(torch.tensor(units, dtype=torch.float64)))
-        return StepClosure(self.trainer, kept, max(units, 1.0), float("nan"))   # its start loss is not computed
+        return self._over(kept)
 
     def of_step(self, step: int) -> "StepClosure":
         """The closure over the global batch of optimizer step ``step`` (its start loss not computed)."""
-        batches = self.trainer.step_batches(step)
+        return self._over(self.trainer.step_batches(step))
+
+    def _over(self, batches: list[Batch]) -> "StepClosure":
+        """A closure over other micro-batches of this process, normalised by their global unit count;
+        its start loss is not computed (NaN)."""
         units = float(sum(self.trainer.cfg.task.count_units(b) for b in batches))
         units = float(self.reduce(torch.tensor(units, dtype=torch.float64)))
         return StepClosure(self.trainer, batches, max(units, 1.0), float("nan"))
