@@ -224,11 +224,12 @@ class TrustRegionStep(Callback):
 
     # -- pieces of the step
     def _metric(self, grad: Vector) -> Optional[Vector]:
+        """The diagonal-Fisher metric (``metric=fisher``; kept only then), or None (Euclidean)."""
+        if self.cfg.metric != "fisher":
+            return None
         beta = self.cfg.fisher_beta
         squared = grad * grad
         self.fisher = squared if self.fisher is None else beta * self.fisher.to(grad.device) + (1 - beta) * squared
-        if self.cfg.metric != "fisher":
-            return None
         floor = self.fisher.mean().clamp_min(1e-30) * 1e-3
         metric = self.fisher + floor
         return metric / metric.mean()
