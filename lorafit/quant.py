@@ -64,19 +64,18 @@ def dense_weight(layer: nn.Module, dtype: Optional[torch.dtype] = None) -> torch
 
 @torch.no_grad()
 def set_dense_weight(layer: nn.Module, dense: torch.Tensor) -> None:
-    """Set the weight of a linear layer from a dense tensor, quantised again if the layer is quantised."""
+    """Set the weight of a linear layer from a dense tensor, quantised again if the layer is quantised.
+
+    A 4-bit weight is quantised where it lives, in chunks (:func:`quantize_4bit_chunked`), so the
+    quantiser's temporaries stay a few MiB next to ``dense`` instead of 2.5 layers' worth.
+    """
     weight = layer.weight
     kind = type(weight).__name__
     if kind == "Params4bit":
-        import bitsandbytes as bnb
-        state = weight.quant_state
-        fresh = bnb.nn.Params4bit(dense.to(state.dtype).cpu(), requires_grad=False, quant_type=state.quant_type,
-                                  blocksize=state.blocksize, compress_statistics=weight.compress_statistics,
-                                  quant_storage=weight.quant_storage)
-        layer.weight = fresh.to(weight.device)
+        layer.weight = quantize_4bit_chunked(dense, weight)
     elif kind == "Int8Params":
         import bitsandbytes as bnb
-        fresh = bnb.nn.Int8Params(dense.to(torch.float16).cpu(), requires_grad=False, has_fp16_weights=False)
+        fresh = bnb.nn.Int8Params(dense.to(torch.float16), requires_grad=False, has_fp16_weights=False)
         layer.weight = fresh.to(weight.device)
     elif weight.shape == dense.shape:
         # in place: a weight still in the checkpoint's (private, writable) memory map becomes anonymous
@@ -84,6 +83,54 @@ def set_dense_weight(layer: nn.Module, dense: torch.Tensor) -> None:
         weight.data.copy_(dense)
     else:
         weight.data = dense.to(weight.dtype)
+
+
+NESTED_BLOCKSIZE = 256      # bitsandbytes' block size for the absmax of a compress_statistics weight
+
+
+@torch.no_grad()
+def quantize_4bit_chunked(dense: torch.Tensor, like: nn.Parameter, chunk: int = 2 ** 20):
+    """``dense`` quantised in the format of the 4-bit weight ``like`` (a ``Params4bit``), ``chunk``
+    elements at a time; bit for bit what ``bitsandbytes.functional.quantize_4bit`` gives for the whole.
+
+    Blockwise 4-bit quantisation (QLoRA, Dettmers et al. 2023, §2–3) treats the flattened weight as
+    blocks of ``blocksize`` elements, each coded by its own absmax; only the last block may be short.
+    So every chunk but the last holds whole blocks (``chunk`` rounded down to a multiple of
+    ``blocksize``), is quantised alone (``compress_statistics=False``), and its packed codes (two per
+    byte: a chunk of an even number of elements fills whole bytes) and absmax are laid end to end.
+    Double quantisation (§3 "Double Quantization") is then applied to the whole absmax vector as
+    bitsandbytes does: minus its global mean, quantised blockwise in blocks of 256 (the dynamic map).
+    Each chunk is cast to the weight's dtype and moved to its device only as it is quantised.
+    """
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+
+    state = like.quant_state
+    blocksize, quant_type = state.blocksize, state.quant_type
+    flat = dense.reshape(-1)
+    n = flat.numel()
+    step = max(blocksize, chunk // blocksize * blocksize)
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=like.device)
+    absmax, code = [], None
+    for start in range(0, n, step):
+        part = flat[start:start + step].to(like.device, state.dtype)
+        codes, part_state = bnbf.quantize_4bit(part, blocksize=blocksize, compress_statistics=False,
+                                               quant_type=quant_type, quant_storage=torch.uint8)
+        packed[start // 2:start // 2 + codes.numel()] = codes.reshape(-1)
+        absmax.append(part_state.absmax)
+        code = part_state.code
+        del part, codes, part_state
+    absmax = torch.cat(absmax)
+    offset = state2 = None
+    if like.compress_statistics:
+        offset = absmax.mean()
+        absmax, state2 = bnbf.quantize_blockwise(absmax - offset, blocksize=NESTED_BLOCKSIZE)
+    quant_state = bnbf.QuantState(absmax=absmax, shape=dense.shape, dtype=state.dtype, blocksize=blocksize,
+                                  code=code, quant_type=quant_type, offset=offset, state2=state2)
+    return bnb.nn.Params4bit(packed.view(like.quant_storage).unsqueeze(1), requires_grad=False,
+                             quant_state=quant_state, blocksize=blocksize,
+                             compress_statistics=like.compress_statistics, quant_type=quant_type,
+                             quant_storage=like.quant_storage, bnb_quantized=True)
 
 
 class WeightGradients:
