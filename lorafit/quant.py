@@ -67,7 +67,7 @@ def set_dense_weight(layer: nn.Module, dense: torch.Tensor) -> None:
     """Set the weight of a linear layer from a dense tensor, quantised again if the layer is quantised.
 
     A 4-bit weight is quantised where it lives, in chunks (:func:`quantize_4bit_chunked`), so the
-    quantiser's temporaries stay a few MiB next to ``dense`` instead of 2.5 layers' worth.
+    quantiser's temporaries stay about 2 MiB next to ``dense`` instead of 2.5 times its size.
     """
     weight = layer.weight
     kind = type(weight).__name__
@@ -89,7 +89,7 @@ NESTED_BLOCKSIZE = 256      # bitsandbytes' block size for the absmax of a compr
 
 
 @torch.no_grad()
-def quantize_4bit_chunked(dense: torch.Tensor, like: nn.Parameter, chunk: int = 2 ** 20):
+def quantize_4bit_chunked(dense: torch.Tensor, like: nn.Parameter, chunk: int = 2 ** 18):
     """``dense`` quantised in the format of the 4-bit weight ``like`` (a ``Params4bit``), ``chunk``
     elements at a time; bit for bit what ``bitsandbytes.functional.quantize_4bit`` gives for the whole.
 
@@ -100,7 +100,9 @@ def quantize_4bit_chunked(dense: torch.Tensor, like: nn.Parameter, chunk: int = 
     byte: a chunk of an even number of elements fills whole bytes) and absmax are laid end to end.
     Double quantisation (§3 "Double Quantization") is then applied to the whole absmax vector as
     bitsandbytes does: minus its global mean, quantised blockwise in blocks of 256 (the dynamic map).
-    Each chunk is cast to the weight's dtype and moved to its device only as it is quantised.
+    Each chunk is cast to the weight's dtype and moved to its device only as it is quantised. The
+    default, 2**18 elements (1 MiB in fp32): on a 5632 × 2048 layer on the CPU the call peaks 7 MiB
+    above ``dense`` (5.5 of them the new codes), against 111 MiB in one piece, in the same time.
     """
     import bitsandbytes as bnb
     import bitsandbytes.functional as bnbf

@@ -85,7 +85,7 @@ def test_chunked_quantisation_is_bitsandbytes_whole_tensor_quantisation(case: st
 
 
 def test_one_chunk_is_the_whole_tensor() -> None:
-    """The default chunk (2**20 elements) on a small layer: one call, the same result."""
+    """The default chunk (2**18 elements) on a small layer: one call, the same result."""
     like = quantised_like((40, 64), "nf4", True, 64, torch.float32, torch.uint8)
     dense = weight((40, 64)) - 0.02
     assert_bit_identical(quantize_4bit_chunked(dense, like), dense, like)
