@@ -67,12 +67,16 @@ def set_dense_weight(layer: nn.Module, dense: torch.Tensor) -> None:
     """Set the weight of a linear layer from a dense tensor, quantised again if the layer is quantised.
 
     A 4-bit weight is quantised where it lives, in chunks (:func:`quantize_4bit_chunked`), so the
-    quantiser's temporaries stay about 2 MiB next to ``dense`` instead of 2.5 times its size.
+    quantiser's temporaries stay about 2 MiB next to ``dense`` instead of 2.5 times its size. The
+    layer's own ``quant_state`` (bitsandbytes sets it when it quantises) is replaced too: the old
+    one would keep the old scales alive and be what a forward on an FSDP-gathered weight reads.
     """
     weight = layer.weight
     kind = type(weight).__name__
     if kind == "Params4bit":
         layer.weight = quantize_4bit_chunked(dense, weight)
+        if getattr(layer, "quant_state", None) is not None:   # the copy bitsandbytes keeps on the layer (its
+            layer.quant_state = layer.weight.quant_state       # FSDP forward reads it): not the stale one
     elif kind == "Int8Params":
         import bitsandbytes as bnb
         fresh = bnb.nn.Int8Params(dense.to(torch.float16), requires_grad=False, has_fp16_weights=False)

@@ -95,16 +95,19 @@ def test_one_chunk_is_the_whole_tensor() -> None:
 def test_set_dense_weight_requantises_a_linear4bit_layer(nested: bool) -> None:
     """Through a bitsandbytes ``Linear4bit``: the new weight reads back as bitsandbytes' own
     quantisation of the dense tensor would, and the layer computes with it (a stale quant_state,
-    or the old weight kept, would give the old weight's output)."""
+    or the old weight kept, would give the old weight's output). The layer's own ``quant_state``
+    (set by bitsandbytes when it quantised; read by its forward on an FSDP-gathered weight) is the
+    new one: catches the old one left there (stale scales, kept alive)."""
     torch.manual_seed(0)
     layer = bnb.nn.Linear4bit(96, 48, bias=False, compute_dtype=torch.float32, compress_statistics=nested,
                               quant_type="nf4")
     layer.weight = bnb.nn.Params4bit(weight((48, 96)), requires_grad=False, quant_type="nf4",
-                                     compress_statistics=nested).to("cpu")
+                                     compress_statistics=nested, module=layer).to("cpu")
+    assert layer.quant_state is layer.weight.quant_state
     dense = dense_weight(layer) * -2.0
     codes, ref = bnbf.quantize_4bit(dense, compress_statistics=nested, quant_type="nf4")
     set_dense_weight(layer, dense)
     expected = bnbf.dequantize_4bit(codes, ref)
-    assert torch.equal(dense_weight(layer), expected)
+    assert torch.equal(dense_weight(layer), expected) and layer.quant_state is layer.weight.quant_state
     x = torch.randn(3, 96)
     assert torch.allclose(layer.train()(x), x @ expected.T, atol=1e-5)
