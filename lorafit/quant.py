@@ -7,7 +7,8 @@ meet such a layer without knowing its format:
 - :func:`is_quantized` — is this linear layer's weight stored quantised?
 - :func:`dense_weight` — its weight as a dense tensor (dequantised; transient, one layer at a time);
 - :func:`set_dense_weight` — replace its weight by a dense one, quantised again in the layer's own
-  format (an init that rewrites W0 into a residual, as PEFT does for PiSSA on a 4-bit base);
+  format (an init that rewrites W0 into a residual, as PEFT does for PiSSA on a 4-bit base; 4 bits
+  in chunks, :func:`quantize_4bit_chunked`);
 - :class:`WeightGradients` — the gradient of the loss with respect to the (frozen, quantised) weights
   of some layers, ``Σ_tokens g xᵀ`` from forward and backward hooks: bitsandbytes layers compute no
   weight gradient, and RoSA's Fisher and LoRA-GA's init need one.
@@ -93,7 +94,7 @@ NESTED_BLOCKSIZE = 256      # bitsandbytes' block size for the absmax of a compr
 
 
 @torch.no_grad()
-def quantize_4bit_chunked(dense: torch.Tensor, like: nn.Parameter, chunk: int = 2 ** 18):
+def quantize_4bit_chunked(dense: torch.Tensor, like: nn.Parameter, chunk: int = 2 ** 18) -> nn.Parameter:
     """``dense`` quantised in the format of the 4-bit weight ``like`` (a ``Params4bit``), ``chunk``
     elements at a time; bit for bit what ``bitsandbytes.functional.quantize_4bit`` gives for the whole.
 
