@@ -6,10 +6,16 @@
 The model is ``scripts/bench_scale.py``'s random TinyLlama-1.1B-shape checkpoint; LoRA r=16, α=32 on
 all seven projections of the 22 blocks (154 layers). Each variant runs in a fresh process (glibc's
 mmap threshold fixed at 64 KiB, so RSS follows live memory): the base is loaded and the adapter
-attached, then the init runs, and the figures are its wall time and its peak RSS above the RSS
-before it (the model's own memory excluded: every weight is read once first, so the checkpoint's
-mapped pages are resident before the measurement starts, as they are in training) — next to the
-size of the largest target layer's weight in fp32, the "one layer" the SVD inits are to stay near:
+attached, then the init runs, and the figures are its wall time, its peak RSS above the RSS before
+it (the model's own memory excluded), what is still held after it — the adapter state it creates
+(the rebasing inits' starting factors ``init_A``, ``init_B``; Spectral's ``U_r``, ``V_r`` and its
+trainable ``B_U``, ``B_V``, where LoRA's trainable A, B are allocated before the measurement) and
+the code it loads — and the difference, the init's working memory, next to the size of the largest
+target layer's weight in fp32, the "one layer" that working memory is to stay near. Every floating
+weight is first copied out of the memory-mapped checkpoint into anonymous memory (swap is off, so
+those pages stay): the kernel may drop clean mapped pages at any time and read them again later,
+which made figures taken on the mapping move with the other jobs' memory (an exact PiSSA once
+measured 58 MiB where MiLoRA, the same code path, held 96).
 
 - ``pissa`` (exact SVD per layer), ``pissa_fast`` (``niter=4``), ``milora``, ``olora``;
 - ``spectral``: Spectral-A's top-r SVD per layer as it wraps the layers (``adapter=spectral_a``);
@@ -67,9 +73,10 @@ def worker(args) -> dict:
     layers = None
     if method != "spectral":
         layers = attach(model, LoRAConfig(r=16, alpha=32), targets)
-    with torch.no_grad():     # fault every weight in first: training reads them all anyway, and pages
-        for p in model.parameters():    # first touched by the init would be counted as its memory
-            p.float().sum() if p.is_floating_point() else None
+    with torch.no_grad():     # out of the mapped checkpoint: its pages could come and go mid-measurement
+        for p in model.parameters():
+            if p.is_floating_point():
+                p.data = p.data.clone()
     step_peak = None
     if method.startswith("lora_ga"):   # what a training step on the same batches holds anyway (activations)
         before = rss()
@@ -101,8 +108,10 @@ def worker(args) -> dict:
         else:
             {"pissa": PiSSAInit(), "pissa_fast": PiSSAInit(niter=4), "milora": MiLoRAInit(),
              "olora": OLoRAInit()}[method].apply(layers)
-    return {"variant": method, "quantization": args.quantization, "init_s": time.perf_counter() - t0,
-            "peak_above_model": poller.peak - before, "largest_layer_fp32": biggest, "layers": len(targets),
+    seconds = time.perf_counter() - t0
+    return {"variant": method, "quantization": args.quantization, "init_s": seconds,
+            "peak_above_model": poller.peak - before, "held_after": rss() - before,
+            "largest_layer_fp32": biggest, "layers": len(targets),
             "training_step_peak": step_peak}
 
 
@@ -138,13 +147,17 @@ def main() -> None:
             results[key] = json.loads(line[len("RESULT "):])
             args.out.write_text(json.dumps(results, indent=1))
     if args.markdown:
-        print("| init | base | time | peak above the model | × the largest layer (fp32) | a training step's peak |")
-        print("|---|---|---:|---:|---:|---:|")
+        print("| init | base | time | peak above the model | × the largest layer (fp32) | held after | "
+              "working (peak − held) | × the largest layer | a training step's peak |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
         for key, r in results.items():
-            step = r.get("training_step_peak")
-            print(f"| {r['variant']} | {r['quantization']} | {r['init_s']:.0f} s | {r['peak_above_model'] / MiB:,.0f} MiB "
-                  f"| {r['peak_above_model'] / r['largest_layer_fp32']:.1f} | "
-                  f"{'' if step is None else f'{step / MiB:,.0f} MiB'} |")
+            step, layer, peak = r.get("training_step_peak"), r["largest_layer_fp32"], r["peak_above_model"]
+            held = r.get("held_after")
+            print(f"| {r['variant']} | {r['quantization']} | {r['init_s']:.0f} s | {peak / MiB:,.0f} MiB "
+                  f"| {peak / layer:.1f} | "
+                  + ("| | " if held is None else f"{held / MiB:,.0f} MiB | {(peak - held) / MiB:,.0f} MiB | "
+                                                 f"{(peak - held) / layer:.1f} ")
+                  + f"| {'' if step is None else f'{step / MiB:,.0f} MiB'} |")
 
 
 if __name__ == "__main__":
