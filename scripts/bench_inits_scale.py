@@ -16,9 +16,9 @@ size of the largest target layer's weight in fp32, the "one layer" the SVD inits
 - ``lora_ga``: LoRA-GA's mean gradient over 2 batches of 2 × 128 tokens (its running sums: one fp32
   out×in matrix per target, 3.9 GB here), then ``lora_ga_gmX``: the same with
   ``init.gradient_memory=X`` (GiB: the targets in groups whose sums fit, one pass each; X = 1 by
-  default, 0.25 and 0.05 on request). Its gradient pass keeps a training step's activations, so
-  next to it: the peak of one ordinary training backward on the same batch (LoRA trainable),
-  measured first in the same process.
+  default, 0.25, 0.05 and auto — the largest target's size — on request). Its gradient pass keeps a
+  training step's activations, so next to it: the peak of one ordinary training backward on the same
+  batch (LoRA trainable), measured first in the same process, and the difference, the init's extra.
 
 On ``--quantization nf4`` the SVD inits dequantise one layer at a time and quantise the residual
 again; LoRA-GA takes W0's gradients from hooks.
@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from bench_scale import TARGETS, Poller, rss  # noqa: E402
 
 VARIANTS = ["olora", "pissa_fast", "pissa", "milora", "spectral", "lora_ga", "lora_ga_gm1", "lora_ga_gm0.25",
-            "lora_ga_gm0.05"]
+            "lora_ga_gm0.05", "lora_ga_gmauto"]
 MiB = 2 ** 20
 
 
@@ -64,7 +64,7 @@ def worker(args) -> dict:
     batches = [{"input_ids": (ids := torch.randint(3, 32000, (2, 128), generator=gen)),
                 "attention_mask": torch.ones_like(ids), "labels": ids} for _ in range(2)]
     method = args.worker
-    layers = None
+    layers, passes = None, None
     if method != "spectral":
         layers = attach(model, LoRAConfig(r=16, alpha=32), targets)
     with torch.no_grad():     # fault every weight in first: training reads them all anyway, and pages
@@ -84,9 +84,11 @@ def worker(args) -> dict:
         if method == "spectral":
             attach(model, SpectralConfig(r=16), targets)
         elif method.startswith("lora_ga"):
-            cfg = LoRAGAInit(batches=2, batch_size=2, gradient_memory=float(method.partition("_gm")[2] or 0))
+            memory = method.partition("_gm")[2] or 0
+            cfg = LoRAGAInit(batches=2, batch_size=2, gradient_memory=memory if memory == "auto" else float(memory))
             factors = {}
             init = GradientInit(cfg)
+            passes = len(init.groups(layers))
             from lorafit.inits.lora_ga import gradient_sums, lora_ga_factors
 
             def loss_of(batch):
@@ -103,7 +105,7 @@ def worker(args) -> dict:
              "olora": OLoRAInit()}[method].apply(layers)
     return {"variant": method, "quantization": args.quantization, "init_s": time.perf_counter() - t0,
             "peak_above_model": poller.peak - before, "largest_layer_fp32": biggest, "layers": len(targets),
-            "training_step_peak": step_peak}
+            "training_step_peak": step_peak, "passes": passes}
 
 
 def main() -> None:
@@ -138,13 +140,16 @@ def main() -> None:
             results[key] = json.loads(line[len("RESULT "):])
             args.out.write_text(json.dumps(results, indent=1))
     if args.markdown:
-        print("| init | base | time | peak above the model | × the largest layer (fp32) | a training step's peak |")
-        print("|---|---|---:|---:|---:|---:|")
+        print("| init | base | passes | time | peak above the model | × the largest layer (fp32) "
+              "| a training step's peak | the init's extra (peak − step's) | × the largest layer |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
         for key, r in results.items():
-            step = r.get("training_step_peak")
-            print(f"| {r['variant']} | {r['quantization']} | {r['init_s']:.0f} s | {r['peak_above_model'] / MiB:,.0f} MiB "
-                  f"| {r['peak_above_model'] / r['largest_layer_fp32']:.1f} | "
-                  f"{'' if step is None else f'{step / MiB:,.0f} MiB'} |")
+            step, layer = r.get("training_step_peak"), r["largest_layer_fp32"]
+            extra = "| | |" if step is None else (f"| {(r['peak_above_model'] - step) / MiB:,.0f} MiB "
+                                                f"| {(r['peak_above_model'] - step) / layer:.1f} |")
+            print(f"| {r['variant']} | {r['quantization']} | {r.get('passes') or ''} | {r['init_s']:.0f} s "
+                  f"| {r['peak_above_model'] / MiB:,.0f} MiB | {r['peak_above_model'] / layer:.1f} "
+                  f"| {'' if step is None else f'{step / MiB:,.0f} MiB'} {extra}")
 
 
 if __name__ == "__main__":
