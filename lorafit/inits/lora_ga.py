@@ -61,8 +61,8 @@ class LoRAGAInit:
             not change during the init, so each layer's gradient is the same), memory ÷ groups, time ×
             groups. ``auto``: the largest target's fp32 size, the least memory grouping can reach (a
             group never holds less than one layer) in the fewest passes that reach it — at the 1.1B
-            shape 88 passes instead of 1 (docs/benchmarks.md). On a GPU the sums live in host memory
-            either way.
+            shape 88 passes instead of 1, its peak below a training step's (docs/benchmarks.md). Not
+            the default: the time grows with the passes. On a GPU the sums live in host memory either way.
     """
 
     rewrites_base: ClassVar[bool] = True      # W0 ← W0 − s·B0 A0 (LoRALinear.rebase)
