@@ -22,9 +22,9 @@ measured 58 MiB where MiLoRA, the same code path, held 96).
 - ``lora_ga``: LoRA-GA's mean gradient over 2 batches of 2 × 128 tokens (its running sums: one fp32
   out×in matrix per target, 3.9 GB here), then ``lora_ga_gmX``: the same with
   ``init.gradient_memory=X`` (GiB: the targets in groups whose sums fit, one pass each; X = 1 by
-  default, 0.25 and 0.05 on request). Its gradient pass keeps a training step's activations, so
-  next to it: the peak of one ordinary training backward on the same batch (LoRA trainable),
-  measured first in the same process.
+  default, 0.25, 0.05 and auto — the largest target's size — on request). Its gradient pass keeps a
+  training step's activations, so next to it: the peak of one ordinary training backward on the same
+  batch (LoRA trainable), measured first in the same process, and the difference, the init's extra.
 
 On ``--quantization nf4`` the SVD inits dequantise one layer at a time and quantise the residual
 again; LoRA-GA takes W0's gradients from hooks.
@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from bench_scale import TARGETS, Poller, rss  # noqa: E402
 
 VARIANTS = ["olora", "pissa_fast", "pissa", "milora", "spectral", "lora_ga", "lora_ga_gm1", "lora_ga_gm0.25",
-            "lora_ga_gm0.05"]
+            "lora_ga_gm0.05", "lora_ga_gmauto"]
 MiB = 2 ** 20
 
 
@@ -70,7 +70,7 @@ def worker(args) -> dict:
     batches = [{"input_ids": (ids := torch.randint(3, 32000, (2, 128), generator=gen)),
                 "attention_mask": torch.ones_like(ids), "labels": ids} for _ in range(2)]
     method = args.worker
-    layers = None
+    layers, passes = None, None
     if method != "spectral":
         layers = attach(model, LoRAConfig(r=16, alpha=32), targets)
     with torch.no_grad():     # out of the mapped checkpoint: its pages could come and go mid-measurement
@@ -91,9 +91,11 @@ def worker(args) -> dict:
         if method == "spectral":
             attach(model, SpectralConfig(r=16), targets)
         elif method.startswith("lora_ga"):
-            cfg = LoRAGAInit(batches=2, batch_size=2, gradient_memory=float(method.partition("_gm")[2] or 0))
+            memory = method.partition("_gm")[2] or 0
+            cfg = LoRAGAInit(batches=2, batch_size=2, gradient_memory=memory if memory == "auto" else float(memory))
             factors = {}
             init = GradientInit(cfg)
+            passes = len(init.groups(layers))
             from lorafit.inits.lora_ga import gradient_sums, lora_ga_factors
 
             def loss_of(batch):
@@ -112,7 +114,7 @@ def worker(args) -> dict:
     return {"variant": method, "quantization": args.quantization, "init_s": seconds,
             "peak_above_model": poller.peak - before, "held_after": rss() - before,
             "largest_layer_fp32": biggest, "layers": len(targets),
-            "training_step_peak": step_peak}
+            "training_step_peak": step_peak, "passes": passes}
 
 
 def main() -> None:
@@ -147,17 +149,17 @@ def main() -> None:
             results[key] = json.loads(line[len("RESULT "):])
             args.out.write_text(json.dumps(results, indent=1))
     if args.markdown:
-        print("| init | base | time | peak above the model | × the largest layer (fp32) | held after | "
-              "working (peak − held) | × the largest layer | a training step's peak |")
-        print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+        print("| init | base | passes | time | peak above the model | × the largest layer (fp32) | held after | "
+              "working (peak − held) | × the largest layer | a training step's peak | the init's extra (peak − step's) |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for key, r in results.items():
             step, layer, peak = r.get("training_step_peak"), r["largest_layer_fp32"], r["peak_above_model"]
             held = r.get("held_after")
-            print(f"| {r['variant']} | {r['quantization']} | {r['init_s']:.0f} s | {peak / MiB:,.0f} MiB "
-                  f"| {peak / layer:.1f} | "
-                  + ("| | " if held is None else f"{held / MiB:,.0f} MiB | {(peak - held) / MiB:,.0f} MiB | "
-                                                 f"{(peak - held) / layer:.1f} ")
-                  + f"| {'' if step is None else f'{step / MiB:,.0f} MiB'} |")
+            working = "| | " if held is None else (f"| {held / MiB:,.0f} MiB | {(peak - held) / MiB:,.0f} MiB "
+                                                  f"| {(peak - held) / layer:.1f} ")
+            versus_step = "| | |" if step is None else f"| {step / MiB:,.0f} MiB | {(peak - step) / MiB:,.0f} MiB |"
+            print(f"| {r['variant']} | {r['quantization']} | {r.get('passes') or ''} | {r['init_s']:.0f} s "
+                  f"| {peak / MiB:,.0f} MiB | {peak / layer:.1f} {working}{versus_step}")
 
 
 if __name__ == "__main__":

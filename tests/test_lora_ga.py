@@ -222,11 +222,45 @@ def test_grouped_passes_give_the_same_factors(tmp_path: Path) -> None:
     args = ["train", "model=tiny_llama", "data=sentiment_demo", "data.max_train_examples=16", "data.batch_size=8",
             "max_steps=2", "init=lora_ga", "init.batches=2", "init.batch_size=2", "progress=false",
             "eval_at_start=false", "model.dropout=0.0"]
-    for name, extra in (("one", []), ("groups", ["init.gradient_memory=0.00002"])):   # ~21 KB: several groups
+    variants = (("one", []), ("groups", ["init.gradient_memory=0.00002"]),   # ~21 KB: several groups
+                ("auto", ["init.gradient_memory=auto"]))                      # 10 groups, one of 3 layers
+    for name, extra in variants:
         try:
             cli_main([*args, f"output_dir={tmp_path / name}", *extra])
         except SystemExit as exc:
             assert exc.code == 0
-    a, b = (load_file(str(tmp_path / n / "adapter" / "lorafit_adapter.safetensors")) for n in ("one", "groups"))
-    assert a.keys() == b.keys()
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+    a, *others = (load_file(str(tmp_path / n / "adapter" / "lorafit_adapter.safetensors")) for n, _ in variants)
+    for b in others:     # init_A, init_B among the keys: a group that dropped a layer's gradient would differ
+        assert a.keys() == b.keys()
+        assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+
+
+def test_auto_groups_hold_at_most_the_largest_layer() -> None:
+    """gradient_memory=auto: consecutive groups of at most the largest target's fp32 size, every target
+    in exactly one, in order, small ones packed. Catches a budget in elements instead of bytes against
+    sizes in bytes (each layer alone: 7 groups), a budget of the smallest layer, and a dropped or
+    repeated layer."""
+    from torch import nn
+
+    from lorafit.adapters.lora import LoRALinear
+    from lorafit.inits.lora_ga import GradientInit, LoRAGAInit
+
+    shapes = [(64, 64), (32, 64), (32, 64), (64, 64), (128, 64), (128, 64), (64, 128)]   # one block of tiny_llama
+    layers = {f"l{i}": LoRALinear(nn.Linear(i_, o, bias=False), r=2, scaling=1.0) for i, (o, i_) in enumerate(shapes)}
+    groups = GradientInit(LoRAGAInit(gradient_memory="auto")).groups(layers)
+    assert [n for g in groups for n in g] == list(layers)
+    largest = 128 * 64 * 4
+    assert all(sum(l.base.weight.numel() * 4 for l in g.values()) <= largest for g in groups)
+    assert [list(g) for g in groups] == [["l0", "l1", "l2"], ["l3"], ["l4"], ["l5"], ["l6"]]
+    assert GradientInit(LoRAGAInit(gradient_memory=0)).groups(layers) == [layers]
+    # a layer above a numeric budget is a group by itself (never dropped)
+    assert [list(g) for g in GradientInit(LoRAGAInit(gradient_memory=1e-6)).groups(layers)] == [[n] for n in layers]
+
+
+@pytest.mark.parametrize("value", ["automatic", "-1", "true"])
+def test_bad_gradient_memory_is_a_config_error(value: str) -> None:
+    from lorafit.cli import compose
+    from lorafit.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match="init.gradient_memory"):
+        validate(compose("train", ["init=lora_ga", f"init.gradient_memory={value}"]))

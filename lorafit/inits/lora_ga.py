@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterable, Optional
+from typing import Any, Callable, ClassVar, Iterable, Optional, Union
 
 import torch
 from rich.progress import Progress
@@ -36,7 +36,7 @@ from torch import nn
 from lorafit.console import console
 from lorafit.adapters import adapter_layers
 from lorafit.adapters.lora import LoRALinear
-from lorafit.config import as_dict, check_range, to_yaml
+from lorafit.config import ConfigError, as_dict, check_range, to_yaml
 from lorafit.data.batches import collate, count_loss_units
 from lorafit.task import forward_logits, head_loss
 from lorafit.files import load_state
@@ -59,7 +59,10 @@ class LoRAGAInit:
             0 (the default): every target in one pass over the init batches. Otherwise the targets are
             split into groups whose sums fit, one pass each: the same factors (the model's function does
             not change during the init, so each layer's gradient is the same), memory ÷ groups, time ×
-            groups. On a GPU the sums live in host memory either way.
+            groups. ``auto``: the largest target's fp32 size, the least memory grouping can reach (a
+            group never holds less than one layer) in the fewest passes that reach it — at the 1.1B
+            shape 88 passes instead of 1, its peak below a training step's (docs/benchmarks.md). Not
+            the default: the time grows with the passes. On a GPU the sums live in host memory either way.
     """
 
     rewrites_base: ClassVar[bool] = True      # W0 ← W0 − s·B0 A0 (LoRALinear.rebase)
@@ -68,13 +71,19 @@ class LoRAGAInit:
     batch_size: int = 2
     gamma: float = 16.0
     cache: Optional[str] = None
-    gradient_memory: float = 0.0
+    gradient_memory: Union[int, float, str] = 0.0     # int: OmegaConf does not widen 1 to float in a Union
 
     def __post_init__(self) -> None:
         check_range("init.batches", self.batches, 1)
         check_range("init.batch_size", self.batch_size, 1)
         check_range("init.gamma", self.gamma, 0, low_inclusive=False)
-        check_range("init.gradient_memory", self.gradient_memory, 0)
+        if isinstance(self.gradient_memory, str):
+            if self.gradient_memory != "auto":
+                raise ConfigError(f"Bad value for 'init.gradient_memory': {self.gradient_memory!r}. It must be a "
+                                  f"number of GiB (0 = all targets in one pass) or auto (groups of at most the "
+                                  f"largest target's fp32 size), e.g. init.gradient_memory=auto.")
+        else:
+            check_range("init.gradient_memory", self.gradient_memory, 0)
 
     def apply(self, layers: dict[str, nn.Module]) -> None:
         """Check the layers now (a clear error before any data is read); the work is a callback."""
@@ -197,14 +206,17 @@ class GradientInit(Callback):
             layer.rebase(A0.to(layer.lora_A.device), B0.to(layer.lora_B.device))
 
     def groups(self, layers: dict[str, LoRALinear]) -> list[dict[str, LoRALinear]]:
-        """Consecutive groups of targets whose fp32 gradient sums fit ``gradient_memory`` (one group if 0)."""
-        budget = self.cfg.gradient_memory * 2 ** 30
+        """Consecutive groups of targets whose fp32 gradient sums fit ``gradient_memory`` (one group if 0;
+        ``auto``: the largest target's size). A target larger than the budget is a group by itself."""
+        sizes = {name: layer.base.out_features * layer.base.in_features * 4 for name, layer in layers.items()}
+        auto = self.cfg.gradient_memory == "auto"
+        budget = max(sizes.values(), default=0) if auto else self.cfg.gradient_memory * 2 ** 30
         if budget <= 0:
             return [layers]
         groups: list[dict[str, LoRALinear]] = [{}]
         used = 0
         for name, layer in layers.items():
-            size = layer.base.out_features * layer.base.in_features * 4
+            size = sizes[name]
             if groups[-1] and used + size > budget:
                 groups.append({})
                 used = 0
