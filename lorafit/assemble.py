@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 from torch import nn
@@ -22,6 +23,17 @@ from lorafit.adapters.peft_import import start_from_peft
 from lorafit.adapters.tokens import add_token_rows
 from lorafit.models import (DTYPES, base_fingerprint, default_targets, head_module_names, load_model,
                             load_tokenizer, resolve_dtype)
+
+
+def adapter_seed(seed: int) -> int:
+    """The seed of the adapter factors' random stream, derived from ``seed`` and independent of it.
+
+    ``load_model`` draws the new head (and a built model) right after ``torch.manual_seed(seed)``; had
+    ``attach`` been seeded with ``seed`` too, layer 0's first factor would reuse the head's random
+    numbers (their entries correlated at −0.34 on MiniLM), where a plain PEFT script draws them
+    from one continuing stream. NumPy's ``SeedSequence`` spawns a well-mixed, reproducible seed.
+    """
+    return int(np.random.SeedSequence([seed, 0x10AF17]).generate_state(1)[0])
 
 
 def _fingerprint(model: nn.Module, heads: list[str], source: str, dtype: torch.dtype) -> str:
@@ -52,7 +64,7 @@ def assemble(model_cfg: ModelConfig, adapter_cfg: Any, init_cfg: Any, head: str,
         raise ConfigError(f"adapter.target_modules={patterns} matches no linear layer of this "
                           f"{model.config.model_type} model. Linear layer names here: {', '.join(linear)}.")
     base_fp = _fingerprint(model, all_heads, "" if model_cfg.build is not None else model_cfg.name_or_path, dtype)
-    torch.manual_seed(seed)  # adapter factors start the same on every process and every resume
+    torch.manual_seed(adapter_seed(seed))  # the same factors on every process and every resume
     layers = attach(model, adapter_cfg, targets)
     if getattr(adapter_cfg, "from_pretrained", None):
         if getattr(init_cfg, "rewrites_base", False):

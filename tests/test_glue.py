@@ -623,3 +623,28 @@ def test_real_dev_files(task: str, count: int) -> None:
     assert len(rows) == count
     assert {r["label"] for r in rows} == {0, 1}
     assert all(r["text_a"] for r in rows)
+
+
+def test_pairs_longer_than_max_length_are_cut_and_counted(minilm_dir: str, capsys) -> None:
+    """``tokenize`` on RTE pairs: each is exactly what the tokenizer gives at ``max_length`` (longest
+    first), the run says how many were cut — counted here from the untruncated lengths — and no
+    ``truncated`` column reaches the batches (it would be fed to the model). Kills a count of pairs
+    that merely reach max_length, and a pair encoded at ``max_length + 1``."""
+    from transformers import AutoTokenizer
+
+    from lorafit.data.batches import tokenize
+    from lorafit.data.options import GlueData
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir)
+    rows = read_glue_split("rte", FIXTURES, "train")
+    lengths = [len(tokenizer(r["text_a"], r["text_b"])["input_ids"]) for r in rows]
+    max_length = sorted(lengths)[len(lengths) // 2]            # about half are longer
+    longer = sum(n > max_length for n in lengths)
+    assert 0 < longer < len(rows) and max_length in lengths    # one pair is exactly max_length long
+    ds = tokenize(GlueData(task="rte", path=str(FIXTURES), max_length=max_length), "train", tokenizer, None)
+    assert "truncated" not in ds.column_names
+    for row, got in zip(rows, ds):
+        want = tokenizer(row["text_a"], row["text_b"], truncation=True, max_length=max_length)["input_ids"]
+        assert got["input_ids"] == want
+    said = " ".join(capsys.readouterr().err.split())
+    assert f"{longer} of {len(rows)} train examples" in said and f"data.max_length={max_length}" in said

@@ -15,6 +15,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from lorafit.config import ConfigError
+from lorafit.console import console
 
 IGNORE_INDEX = -100
 """The label of a token that carries no loss (prompt tokens, padding)."""
@@ -27,7 +28,8 @@ def tokenize(data: Any, split: str, tokenizer: PreTrainedTokenizerBase, cache_di
     Conversations (``data=chat`` / ``instruct``) are tokenised by ``datasets.map`` with
     ``data.num_proc`` processes and a progress bar; ``data.overflow`` then drops or keeps the ones
     that were cut, and the run says how many. Other rows are tokenised in Python (their fields can mix
-    types Arrow would coerce).
+    types Arrow would coerce); texts and pairs longer than ``data.max_length`` are cut, and counted
+    in a line too.
     """
     import datasets
 
@@ -41,6 +43,9 @@ def tokenize(data: Any, split: str, tokenizer: PreTrainedTokenizerBase, cache_di
         ds = _map_conversations(data, split, rows, tokenizer)
     else:
         ds = datasets.Dataset.from_list([data.encode(row, tokenizer) for row in rows])
+        if "truncated" in ds.column_names:
+            _report_truncated(data, split, sum(ds["truncated"]), len(ds))
+            ds = ds.remove_columns(["truncated"])
     if target is not None:                        # written next to its place, then renamed: never half a cache
         tmp = target.with_name(target.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -49,6 +54,14 @@ def tokenize(data: Any, split: str, tokenizer: PreTrainedTokenizerBase, cache_di
         tmp.rename(target)
         ds = datasets.load_from_disk(str(target))
     return ds.with_format(None)
+
+
+def _report_truncated(data: Any, split: str, cut: int, total: int) -> None:
+    """Say how many examples ``data.max_length`` cut (RTE at the default 128: about 13 %)."""
+    if cut:
+        console.print(f"data={data.split_name(split)}: {cut} of {total} {split} examples ({cut / total:.1%}) were "
+                      f"longer than data.max_length={data.max_length} tokens and were truncated; raise "
+                      f"data.max_length to keep them whole (the model reads up to its own limit)")
 
 
 def _map_conversations(data: Any, split: str, rows: list[dict], tokenizer: PreTrainedTokenizerBase):

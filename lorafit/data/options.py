@@ -72,8 +72,14 @@ class DataCommon:
 
 def encode_pair(tokenizer: PreTrainedTokenizerBase, text_a: str, text_b: Optional[str], label: Any,
                 max_length: int) -> dict:
-    enc = tokenizer(text_a, text_b, truncation=True, max_length=max_length)
-    return {**{k: list(v) for k, v in enc.items()}, "labels": label}
+    """One text (or pair) cut to ``max_length`` tokens (longest first), with ``truncated`` (0/1):
+    :func:`lorafit.data.batches.tokenize` counts and reports the cut ones, then drops the key. A pair
+    is encoded twice only when it is longer than ``max_length``."""
+    enc = tokenizer(text_a, text_b, truncation=True, max_length=max_length + 1)
+    truncated = len(enc["input_ids"]) > max_length
+    if truncated:
+        enc = tokenizer(text_a, text_b, truncation=True, max_length=max_length)
+    return {**{k: list(v) for k, v in enc.items()}, "labels": label, "truncated": int(truncated)}
 
 
 @dataclass
