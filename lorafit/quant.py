@@ -6,6 +6,8 @@ meet such a layer without knowing its format:
 
 - :func:`is_quantized` — is this linear layer's weight stored quantised?
 - :func:`dense_weight` — its weight as a dense tensor (dequantised; transient, one layer at a time);
+- :func:`weight_rows` — its weight to read a block of rows at a time (:class:`Rows4bit`: a 4-bit
+  one dequantised block by block, never whole; :func:`lorafit.linalg.singular_triplets` reads it);
 - :func:`set_dense_weight` — replace its weight by a dense one, quantised again in the layer's own
   format (an init that rewrites W0 into a residual, as PEFT does for PiSSA on a 4-bit base; 4 bits
   in chunks, :func:`quantize_4bit_chunked`);
@@ -61,6 +63,66 @@ def dense_weight(layer: nn.Module, dtype: Optional[torch.dtype] = None) -> torch
     else:
         dense = weight.detach()
     return dense.to(dtype or torch.float32)
+
+
+class Rows4bit:
+    """A 4-bit weight (bitsandbytes ``Params4bit``) read as fp32 rows, ``rows(a, b) = W[a:b]``, bit for
+    bit what :func:`dense_weight` gives for those rows, without dequantising the rest.
+
+    Blockwise 4-bit quantisation (QLoRA, §2) codes the flattened weight in blocks of ``blocksize``
+    elements (two codes a byte, one absmax a block), each dequantised on its own: rows a..b are the
+    elements ``a·n .. b·n`` of the blocks that cover them, which start on a byte (``blocksize`` is
+    even). Those blocks are dequantised by bitsandbytes' ``dequantize_4bit`` in pieces of about
+    ``chunk`` elements and the rows cut out of them, so a call holds its fp32 rows and about 3·chunk
+    words more. A nested (``compress_statistics``) absmax is decompressed once, for the whole layer,
+    as ``dequantize_4bit`` would (1/blocksize of the layer in fp32).
+    """
+
+    def __init__(self, layer: nn.Module, chunk: int = 2 ** 18) -> None:
+        import bitsandbytes.functional as bnbf
+        weight = layer.weight
+        state = getattr(weight, "quant_state", None) or layer.quant_state
+        absmax = state.absmax
+        if state.nested:
+            absmax = bnbf.dequantize_blockwise(state.absmax, state.state2)
+            absmax += state.offset
+        self.shape = torch.Size(state.shape)
+        self.dtype = torch.float32
+        self.device = weight.device
+        self._absmax = absmax.float()
+        self._packed = weight.data.reshape(-1).view(torch.uint8)
+        self._state = state
+        self._step = max(state.blocksize, chunk // state.blocksize * state.blocksize)
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        m, n = self.shape
+        stop = min(stop, m)
+        out = torch.empty(stop - start, n, dtype=torch.float32, device=self.device)
+        flat, lo, hi = out.view(-1), start * n, stop * n
+        size, end = self._state.blocksize, m * n
+        last_block_end = min(-(-hi // size) * size, end)
+        pos = lo
+        while pos < hi:
+            first = pos // size * size
+            last = min(first + self._step, last_block_end)
+            upto = min(last, hi)
+            flat[pos - lo:upto - lo] = self._blocks(first, last)[pos - first:upto - first]
+            pos = upto
+        return out
+
+    def _blocks(self, first: int, last: int) -> torch.Tensor:
+        """Elements ``first..last`` of the flattened weight (``first`` on a block; ``last`` on one or the end)."""
+        import bitsandbytes.functional as bnbf
+        size, state = self._state.blocksize, self._state
+        piece = bnbf.QuantState(absmax=self._absmax[first // size:-(-last // size)], shape=torch.Size([last - first]),
+                                code=state.code, dtype=state.dtype, blocksize=size, quant_type=state.quant_type)
+        return bnbf.dequantize_4bit(self._packed[first // 2:(last + 1) // 2], piece).reshape(-1)
+
+
+def weight_rows(layer: nn.Module) -> Rows4bit | torch.Tensor:
+    """The weight of a linear layer to read by rows: a 4-bit one as a :class:`Rows4bit` (no dense copy),
+    any other as :func:`dense_weight` gives it (fp32)."""
+    return Rows4bit(layer) if bnb_kind(layer) == "Linear4bit" else dense_weight(layer)
 
 
 @torch.no_grad()

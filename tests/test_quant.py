@@ -10,7 +10,10 @@ import torch
 bnb = pytest.importorskip("bitsandbytes")
 import bitsandbytes.functional as bnbf  # noqa: E402
 
-from lorafit.quant import dense_weight, quantize_4bit_chunked, set_dense_weight  # noqa: E402
+from lorafit import linalg  # noqa: E402
+from lorafit.linalg import singular_triplets  # noqa: E402
+from lorafit.quant import (Rows4bit, dense_weight, quantize_4bit_chunked, set_dense_weight,  # noqa: E402
+                           weight_rows)
 
 
 def weight(shape: tuple[int, int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -111,3 +114,98 @@ def test_set_dense_weight_requantises_a_linear4bit_layer(nested: bool) -> None:
     assert torch.equal(dense_weight(layer), expected) and layer.quant_state is layer.weight.quant_state
     x = torch.randn(3, 96)
     assert torch.allclose(layer.train()(x), x @ expected.T, atol=1e-5)
+
+
+ROW_CASES = {
+    # (out, in), blocksize, dtype (quant_storage: uint8, or bf16 with bf16)
+    # tall; 61 × 41 = 2501 elements: odd (the last byte holds one code), no row holds whole blocks
+    # of 64, the last block is short (5 elements). Catches a row range cut at the block edge instead
+    # of dequantising the blocks that cover it, bytes taken from element/1 instead of element/2, the
+    # short last block dropped or padded.
+    "tall": ((61, 41), 64, torch.float32),
+    # wide; 40 × 200: rows straddle blocks of 64 at varying offsets, 125 blocks.
+    "wide": ((40, 200), 64, torch.float32),
+    # kept in bf16, stored as bf16 words (FSDP's layout): catches the packed words read as elements
+    # rather than viewed as bytes, and a piece not cast as the whole is (quant_state.dtype bf16).
+    # (in_features a multiple of the blocksize: bitsandbytes 0.50.2's CPU kernel dequantises a whole
+    # 48 × 96 weight wrongly — rows of 96 with blocks of 64 — where its pure-PyTorch path and the
+    # row reader, whose pieces are one flat row, agree.)
+    "bf16": ((48, 128), 64, torch.bfloat16),
+}
+
+
+def linear4bit(shape: tuple[int, int], quant_type: str, nested: bool, blocksize: int,
+               dtype: torch.dtype) -> torch.nn.Module:
+    storage = torch.bfloat16 if dtype == torch.bfloat16 else torch.uint8
+    layer = bnb.nn.Linear4bit(shape[1], shape[0], bias=False, compute_dtype=dtype, compress_statistics=nested,
+                              quant_type=quant_type, quant_storage=storage)
+    layer.weight = bnb.nn.Params4bit(weight(shape, dtype), requires_grad=False, quant_type=quant_type,
+                                     blocksize=blocksize, compress_statistics=nested, quant_storage=storage,
+                                     module=layer).to("cpu")
+    return layer
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "compress_statistics"])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("case", list(ROW_CASES))
+def test_rows_of_a_4bit_weight_are_its_whole_dequantisation(case: str, quant_type: str, nested: bool) -> None:
+    """Row blocks of 1, 7 and all rows, each dequantised in pieces of 2 blocks (chunk=128), laid end
+    to end: bit for bit bitsandbytes' dequantize_4bit of the whole weight, in fp32. compress_statistics
+    catches the compressed (uint8) absmax used as scales, the offset not added, or the nested absmax
+    decompressed per piece (its blocks of 256 cut)."""
+    shape, blocksize, dtype = ROW_CASES[case]
+    layer = linear4bit(shape, quant_type, nested, blocksize, dtype)
+    whole = bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    rows = Rows4bit(layer, chunk=128)
+    assert rows.shape == whole.shape and rows.dtype == torch.float32
+    for step in (1, 7, shape[0]):
+        got = torch.cat([rows.rows(i, i + step) for i in range(0, shape[0], step)])
+        assert torch.equal(got, whole), step
+    assert torch.equal(weight_rows(layer).rows(3, 11), whole[3:11])     # the default chunk
+
+
+@pytest.mark.parametrize("minor", [False, True], ids=["top", "bottom"])
+@pytest.mark.parametrize("shape", [(96, 40), (40, 200)], ids=["tall", "wide"])
+def test_triplets_read_by_rows_are_those_of_the_dense_weight(shape: tuple[int, int], minor: bool,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """singular_triplets of an nf4 layer read by rows = of its dequantised weight, to fp32 rounding and
+    with the same signs (both take them from the Gram matrix's eigenvectors). Chunks of 256 elements
+    (rows of 2-6) and 8 row blocks of 5 for the wide W Wᵀ: catches a lower-triangle block not mirrored
+    (or mirrored untransposed), a block skipped, a short last block or chunk dropped, Wᵀ U summed
+    against the wrong rows of U, U and V swapped for a wide reader."""
+    monkeypatch.setattr(linalg, "CHUNK_ELEMENTS", 256)
+    layer = linear4bit(shape, "nf4", True, 64, torch.float32)
+    rows, dense = weight_rows(layer), dense_weight(layer)
+    assert isinstance(rows, Rows4bit)
+    got, ref = singular_triplets(rows, 5, minor), singular_triplets(dense, 5, minor)
+    for ours, theirs in zip(got, ref):
+        assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
+    assert torch.allclose(got[1], ref[1], rtol=1e-6, atol=0)
+    assert (got[0] - ref[0]).abs().max() < 1e-5 and (got[2] - ref[2]).abs().max() < 1e-5
+
+
+def test_spectral_and_milora_read_a_4bit_base_by_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Spectral's attach never dequantises more than a piece of a 4-bit base, and MiLoRA's init hands
+    singular_triplets a Rows4bit (its rebase then dequantises the whole, for the residual); a plain
+    base is still read as its fp32 weight. Catches either still calling dense_weight for the SVD."""
+    from lorafit.adapters.lora import LoRALinear
+    from lorafit.adapters.spectral import SpectralLinear
+    from lorafit.inits import svd
+
+    monkeypatch.setattr(linalg, "CHUNK_ELEMENTS", 256)     # so a small layer is read in pieces too
+    sizes, read = [], []
+    dequantize = bnbf.dequantize_4bit
+
+    def recorded(*args, **kwargs) -> torch.Tensor:
+        out = dequantize(*args, **kwargs)
+        sizes.append(out.numel())
+        return out
+
+    monkeypatch.setattr(bnbf, "dequantize_4bit", recorded)
+    monkeypatch.setattr(svd, "singular_triplets", lambda W, r, minor: read.append(W) or singular_triplets(W, r, minor))
+    SpectralLinear(linear4bit((40, 200), "nf4", False, 64, torch.float32), 4)
+    assert sizes and max(sizes) < 40 * 200
+    svd.MiLoRAInit().apply({"layer": LoRALinear(linear4bit((40, 200), "nf4", False, 64, torch.float32), 4, 1.0)})
+    assert len(read) == 1 and isinstance(read[0], Rows4bit)
+    plain = torch.nn.Linear(30, 20)
+    assert torch.equal(weight_rows(plain), plain.weight)

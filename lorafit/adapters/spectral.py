@@ -2,8 +2,9 @@
 
 At attach time, once and in fp32: ``W0 = U S Vᵀ`` (its top r triplets only, from the fp64 Gram
 matrix: :func:`lorafit.linalg.singular_triplets`, as accurate as an fp32 SVD in about one layer of
-memory), keep ``U_r ∈ R^{out×r}``, ``S_r``, ``V_r ∈ R^{in×r}`` as buffers (saved with the adapter,
-so a reload never depends on the SVD's signs), ``W_rest = W0 − U_r diag(S_r) V_rᵀ``.
+memory; a 4-bit base is read a block of rows at a time, never dequantised whole), keep
+``U_r ∈ R^{out×r}``, ``S_r``, ``V_r ∈ R^{in×r}`` as buffers (saved with the adapter, so a reload
+never depends on the SVD's signs), ``W_rest = W0 − U_r diag(S_r) V_rᵀ``.
 
 - Spectral-A (additive, ``adapter=spectral_a``): ``W = (U_r + B_U) diag(S_r) (V_r + B_V)ᵀ + W_rest``,
   trainable ``B_U ∈ R^{out×r}``, ``B_V ∈ R^{in×r}`` (r·(out+in) numbers, as LoRA), both 0 at start.
@@ -32,7 +33,7 @@ from torch import nn
 from lorafit.adapters import AdditiveAdapter
 from lorafit.config import ConfigError, check_choice, check_range
 from lorafit.linalg import singular_triplets
-from lorafit.quant import dense_weight
+from lorafit.quant import weight_rows
 
 MODES = ("additive", "rotation")
 
@@ -88,7 +89,7 @@ class SpectralLinear(AdditiveAdapter):
         self.r = r
         self.mode = mode
         with torch.no_grad():
-            U, S, V = singular_triplets(dense_weight(base), r)
+            U, S, V = singular_triplets(weight_rows(base), r)
         self.register_buffer("spectral_U", U.contiguous())
         self.register_buffer("spectral_S", S.contiguous())
         self.register_buffer("spectral_V", V.contiguous())

@@ -16,8 +16,9 @@ In every case the base becomes ``W0 − s·B A`` (``LoRALinear.rebase``), so the
 step 0, and the saved adapter stores the starting factors (``init_A``, ``init_B``): loading it onto
 the *original* base rebuilds the residual, and ``lorafit merge`` onto the original base gives the
 trained model. All decompositions run on the layer's device, one layer at a time (a quantised
-layer is dequantised for its own decomposition and residual only), and the residual is formed in
-place. The papers recommend α = r (s = 1) and no dropout for PiSSA and MiLoRA.
+layer is dequantised for its own decomposition and residual only; for the exact SVDs not even that:
+they read a 4-bit layer a block of rows at a time, :func:`lorafit.quant.weight_rows`), and the
+residual is formed in place. The papers recommend α = r (s = 1) and no dropout for PiSSA and MiLoRA.
 """
 
 from __future__ import annotations
@@ -32,30 +33,33 @@ from torch import nn
 from lorafit.console import console
 from lorafit.config import check_range
 from lorafit.inits.basic import _lora_factors
-from lorafit.linalg import singular_triplets
-from lorafit.quant import dense_weight
+from lorafit.linalg import Matrix, singular_triplets
+from lorafit.quant import dense_weight, weight_rows
 
-Factors = Callable[[torch.Tensor, nn.Module], tuple[torch.Tensor, torch.Tensor]]
+Factors = Callable[[Matrix, nn.Module], tuple[torch.Tensor, torch.Tensor]]
 
 
-def rebase_each(layers: dict[str, nn.Module], what: str, factors: Factors) -> None:
-    """Rebase every layer on ``factors(W0 in fp32, layer) → (A0, B0)``, one layer at a time.
+def rebase_each(layers: dict[str, nn.Module], what: str, factors: Factors,
+                read: Callable[[nn.Module], Matrix] = dense_weight) -> None:
+    """Rebase every layer on ``factors(read(base) = W0 in fp32, layer) → (A0, B0)``, one layer at a time.
 
-    W0 is dequantised on a quantised base and dropped before the rebase (which forms the residual
-    from the layer itself), so a layer's decomposition and its residual never overlap in memory.
+    W0 is read (a quantised base dequantised, whole or, with ``read=weight_rows``, by rows) and
+    dropped before the rebase (which forms the residual from the layer itself), so a layer's
+    decomposition and its residual never overlap in memory.
     """
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task(what, total=len(layers))
         for name, layer in layers.items():
             _lora_factors(name, layer)   # a LoRA-factor adapter, or a clear error
-            A0, B0 = factors(dense_weight(layer.base), layer)
+            A0, B0 = factors(read(layer.base), layer)
             layer.rebase(A0, B0)
             progress.advance(task)
 
 
-def svd_factors(weight: torch.Tensor, r: int, scaling: float, minor: bool = False,
+def svd_factors(weight: Matrix, r: int, scaling: float, minor: bool = False,
                 niter: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) with ``s·B A`` = the top (or, ``minor``, the last) r singular triplets of ``weight``."""
+    """(A, B) with ``s·B A`` = the top (or, ``minor``, the last) r singular triplets of ``weight``
+    (a tensor, or rows to read when exact: ``niter`` null)."""
     if niter is None:
         U, S, V = singular_triplets(weight, r, minor)
     else:
@@ -89,7 +93,8 @@ class PiSSAInit:
             check_range("init.niter", self.niter, 0)
 
     def apply(self, layers: dict[str, nn.Module]) -> None:
-        rebase_each(layers, "PiSSA init", lambda w, layer: svd_factors(w, layer.r, layer.scaling, niter=self.niter))
+        rebase_each(layers, "PiSSA init", lambda w, layer: svd_factors(w, layer.r, layer.scaling, niter=self.niter),
+                    read=weight_rows if self.niter is None else dense_weight)
 
 
 @dataclass
@@ -99,7 +104,8 @@ class MiLoRAInit:
     rewrites_base: ClassVar[bool] = True      # W0 ← W0 − s·B0 A0 (LoRALinear.rebase)
 
     def apply(self, layers: dict[str, nn.Module]) -> None:
-        rebase_each(layers, "MiLoRA init", lambda w, layer: svd_factors(w, layer.r, layer.scaling, minor=True))
+        rebase_each(layers, "MiLoRA init", lambda w, layer: svd_factors(w, layer.r, layer.scaling, minor=True),
+                    read=weight_rows)
 
 
 @dataclass
