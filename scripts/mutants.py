@@ -472,6 +472,13 @@ MUTANTS: list[Mutant] = [
       "(1 - beta) * self.fisher.to(grad.device) + beta * squared", "state", "Fisher EMA weights swapped"),
     M("lorafit/optim/ctr.py", "if self.active is None or trainer.step % self.cfg.rank_every == 0:", "if self.active is None:",
       "state", "rank choice never re-made (stale active set)"),
+    M("lorafit/optim/ctr.py", "return max(0.0, damping + 2.0 * (predicted - actual) / step_sq)",
+      "return max(0.0, damping + 2.0 * (actual - predicted) / step_sq)", "sign",
+      "adaptive damping moves the wrong way (raises λ when the model over-estimated the curvature)"),
+    M("lorafit/optim/ctr.py", "            operator.damping = self.damping\n", "", "state",
+      "the adapted λ never reaches CG's operator (the model stays undamped)"),
+    M("lorafit/optim/ctr.py", "        if cfg.adaptive_damping and judge is closure:", "        if cfg.adaptive_damping:",
+      "state", "λ adapted under rho_batch=next from two losses of another batch"),
     # --------------------------------------------------------------- rlhf/reward.py
     M("lorafit/rlhf/reward.py", "return -F.logsigmoid(r_chosen - r_rejected).sum()", "return -F.logsigmoid(r_chosen - r_rejected).mean()",
       "scale", "pairwise loss averaged (the trainer divides by pairs again)"),

@@ -4,7 +4,7 @@
         --plot docs/step_rules_loss.png
 
 Every run is ``lorafit train`` on MiniLM with the same adapter (``--adapter``, default LoRA r=8,
-α=16), the same data (``--task`` sst2 or rte; batch 32, seed 0), the same number of optimizer
+α=16), the same data (``--task`` sst2 or rte; batch 32, seed 0 or each of ``--seeds``), the same number of optimizer
 steps (``--steps``, default 100) and ``log_every=1``, and only the step rule changed, each in its
 own process with ``--threads`` torch threads (nothing else should run meanwhile: the wall-clock
 axis is the point). The rules and their settings (``RULES``):
@@ -15,8 +15,9 @@ axis is the point). The rules and their settings (``RULES``):
   100-step run unpreconditioned);
 - ``ctr``: the defaults (GGN curvature, Euclidean trust region, Δ0 = 0.1, ≤ 5 CG iterations,
   curvature products on a quarter of the batch);
-- ``ctr_full``: curvature products on the whole batch with ≤ 10 CG iterations (the defaults before
-  the cost change), for the side-by-side comparison;
+- ``ctr_fixed``: the defaults without ``adaptive_damping`` (λ = 0);
+- ``ctr_full``: curvature products on the whole batch with ≤ 10 CG iterations and no damping (the
+  defaults before the cost change), for the side-by-side comparison;
 - ``ctr_next``: the defaults with ρ judged on the next step's batch (``rho_batch=next``).
 
 A finished run (``results.json`` present) is not run again. The table gives the mean training loss
@@ -41,31 +42,37 @@ RULES = {
     "loraplus": ["optimizer=loraplus", "optimizer.lr=2.5e-4", "optimizer.ratio=16"],
     "reflora": ["optimizer=reflora", "optimizer.lr=1e-3", "optimizer.warmup=10"],
     "ctr": ["optimizer=ctr"],
-    "ctr_full": ["optimizer=ctr", "optimizer.curvature_batch=1.0", "optimizer.cg_iters=10"],
+    "ctr_fixed": ["optimizer=ctr", "optimizer.adaptive_damping=false"],
+    "ctr_full": ["optimizer=ctr", "optimizer.curvature_batch=1.0", "optimizer.cg_iters=10", "optimizer.adaptive_damping=false"],
     "ctr_next": ["optimizer=ctr", "optimizer.rho_batch=next"],
 }
 TASK_DIR = {"sst2": "SST-2", "rte": "RTE"}
 
 
-def run(name: str, args: argparse.Namespace) -> None:
-    run_dir = args.out / name
-    if (run_dir / "results.json").is_file():
+def run_dir(out: Path, name: str, seed: int) -> Path:
+    """``OUT/NAME`` for seed 0 (as before seeds were an option), ``OUT/NAME-seedK`` otherwise."""
+    return out / (name if seed == 0 else f"{name}-seed{seed}")
+
+
+def run(name: str, seed: int, args: argparse.Namespace) -> None:
+    run_dir_ = run_dir(args.out, name, seed)
+    if (run_dir_ / "results.json").is_file():
         return
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "lorafit", "train", "model=minilm", "data=glue", f"data.task={args.task}",
            f"data.path={args.glue}", "data.batch_size=32", f"max_steps={args.steps}", "log_every=1",
-           "eval_at_start=false", "seed=0", "progress=false", f"adapter={args.adapter}", *RULES[name],
-           f"output_dir={run_dir}"]
+           "eval_at_start=false", f"seed={seed}", "progress=false", f"adapter={args.adapter}", *RULES[name],
+           f"output_dir={run_dir_}"]
     print("$", " ".join(cmd[2:]), flush=True)
     log = subprocess.run(cmd, env=env, capture_output=True, text=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{name}.log").write_text(log.stdout + log.stderr)
+    (run_dir_.parent / f"{run_dir_.name}.log").write_text(log.stdout + log.stderr)
     if log.returncode:
-        print(f"{name} failed (exit {log.returncode}); see {args.out / (name + '.log')}", flush=True)
+        print(f"{run_dir_.name} failed (exit {log.returncode}); see {run_dir_}.log", flush=True)
 
 
-def summarise(name: str, out: Path) -> dict:
-    records = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+def summarise(name: str, run: Path) -> dict:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "split" not in r]
     evals = [r for r in records if "split" in r]
     tenth = max(1, len(train) // 10)
@@ -80,6 +87,21 @@ def summarise(name: str, out: Path) -> dict:
         row["cg_iters"] = mean([r["cg_iters"] for r in train])
         row["final_radius"] = train[-1]["radius"]
     return row
+
+
+def average(rows: list[dict]) -> dict:
+    """One rule's row over its seeds: the mean of every figure (and of the loss curves, step by step)."""
+    if len(rows) == 1:
+        return rows[0]
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    out = {"name": rows[0]["name"], "steps": rows[0]["steps"], "seeds": len(rows)}
+    for key in ("loss", "wall"):
+        out[key] = [mean(values) for values in zip(*(r[key] for r in rows))]
+    for key, value in rows[0].items():
+        if key not in out and isinstance(value, (int, float)):
+            out[key] = mean([r[key] for r in rows if r.get(key) is not None]) if value is not None else None
+    out["acc"] = mean([r["acc"] for r in rows]) if all(r["acc"] is not None for r in rows) else None
+    return out
 
 
 def markdown(rows: list[dict]) -> str:
@@ -133,19 +155,27 @@ def main() -> None:
     parser.add_argument("--glue", default="../shared/data/glue", help="GLUE folder (holds SST-2/, RTE/)")
     parser.add_argument("--out", type=Path, default=Path("runs/step_rules"))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0],
+                        help="seeds to run each rule with; the table gives the means over them")
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--plot", type=Path, help="write loss vs step and vs wall-clock to this PNG")
     args = parser.parse_args()
     if not (Path(args.glue) / TASK_DIR[args.task] / "dev.tsv").is_file():
         sys.exit(f"No {TASK_DIR[args.task]} at {args.glue}. Pass --glue with the GLUE folder.")
+    for seed in args.seeds:
+        for name in args.rules:
+            run(name, seed, args)
+    rows = []
     for name in args.rules:
-        run(name, args)
-    rows = [summarise(n, args.out) for n in args.rules if (args.out / n / "metrics.jsonl").is_file()]
+        runs = [run_dir(args.out, name, seed) for seed in args.seeds]
+        if all((r / "metrics.jsonl").is_file() for r in runs):
+            rows.append(average([summarise(name, r) for r in runs]))
     (args.out / "summary.json").write_text(json.dumps(rows, indent=2))
     if args.markdown:
         print(markdown(rows))
     if args.plot:
-        plot(rows, args.plot, f"MiniLM on {TASK_DIR[args.task]}, adapter={args.adapter}, seed 0, "
+        seeds = f"seed {args.seeds[0]}" if len(args.seeds) == 1 else f"mean of seeds {', '.join(map(str, args.seeds))}"
+        plot(rows, args.plot, f"MiniLM on {TASK_DIR[args.task]}, adapter={args.adapter}, {seeds}, "
                               f"{args.steps} steps of batch 32")
 
 

@@ -602,3 +602,53 @@ def test_rho_on_the_next_batch_judges_the_step_on_unseen_examples(run_cli, tmp_p
         assert got["actual_reduction"] == pytest.approx(got["next"], abs=1e-5), step
         assert got["loss_before"] == pytest.approx(got["before"], abs=1e-5), step      # the step's own loss
     assert max(abs(g["next"] - g["own"]) for g in seen) > 1e-3        # the two batches judge differently
+
+
+def test_missed_curvature_makes_the_model_exact_along_the_step() -> None:
+    """On a 1-D loss with curvature c and a model of curvature h + λ, ``missed_curvature`` returns the λ
+    whose model predicts exactly the actual decrease (kills a flipped sign, a missing factor 2, and a
+    λ not carried over from the step's own model); it never goes below 0."""
+    g, c, h, damping, step = -2.0, 5.0, 1.0, 0.5, 0.3
+    predicted = -(g * step + 0.5 * (h + damping) * step ** 2)
+    actual = -(g * step + 0.5 * c * step ** 2)                      # a quadratic loss: the secant is exact
+    new = ctr.missed_curvature(damping, predicted, actual, step ** 2)
+    assert new == pytest.approx(c - h)
+    assert -(g * step + 0.5 * (h + new) * step ** 2) == pytest.approx(actual)
+    assert ctr.missed_curvature(damping, predicted, predicted, step ** 2) == damping     # exact model: unchanged
+    assert ctr.missed_curvature(damping, predicted, predicted + 10.0, step ** 2) == 0.0
+    assert ctr.missed_curvature(damping, predicted, actual, 0.0) == damping
+
+
+def test_adaptive_damping_follows_the_missed_curvature_into_the_next_model(run_cli, tmp_path: Path,
+                                                                           monkeypatch) -> None:
+    """With ``adaptive_damping`` (the default), step k+1's CG runs on ``H + λ_{k+1} I`` with
+    ``λ_{k+1} = ½ λ_k + ½ missed_curvature(λ_k, predicted_k, actual_k, ‖δ_k‖²)`` — checked on the operator
+    CG receives and on the logged ``damping``, from each step's own δ and reductions; with
+    ``adaptive_damping=false``, and with ``rho_batch=next`` (whose two losses are another batch's),
+    λ stays at ``damping``. λ must move at all here (a curvature sub-batch
+    of 2 of 8 examples misses curvature), so a rule that never updates it cannot pass."""
+    real_cg = ctr.steihaug_cg
+    calls: list[dict] = []
+
+    def cg_spy(grad, hvp, radius, *args, **kwargs):
+        result = real_cg(grad, hvp, radius, *args, **kwargs)
+        calls.append({"damping": hvp.damping, "step_sq": float(result.step @ result.step)})
+        return result
+
+    monkeypatch.setattr(ctr, "steihaug_cg", cg_spy)
+    for adaptive, rho_batch in ((True, "same"), (False, "same"), (True, "next")):
+        calls.clear()
+        run = tmp_path / f"adaptive-{adaptive}-{rho_batch}"
+        assert (r := run_cli("train", f"output_dir={run}", *TINY, "+optim=ctr", "max_steps=4", "model.dropout=0.0",
+                             "optimizer.radius=1.0", "optimizer.damping=0.01", f"optimizer.rho_batch={rho_batch}",
+                             f"optimizer.adaptive_damping={str(adaptive).lower()}")).code == 0, r.text
+        adaptive = adaptive and rho_batch == "same"
+        rows = records(run)
+        assert [c["damping"] for c in calls] == pytest.approx([r["damping"] for r in rows])
+        expected = [0.01]
+        for row, call in zip(rows, calls):
+            target = ctr.missed_curvature(expected[-1], row["pred_reduction"], row["actual_reduction"], call["step_sq"])
+            expected.append(0.5 * expected[-1] + 0.5 * target if adaptive else 0.01)
+        assert [c["damping"] for c in calls] == pytest.approx(expected[:-1], rel=1e-6)
+        if adaptive:
+            assert max(abs(d - 0.01) for d in expected) > 1e-3

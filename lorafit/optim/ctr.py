@@ -16,7 +16,10 @@ from where:
   runs on PyTorch's math SDPA kernel during curvature products (fused kernels have no double
   backward). As in Hessian-free optimisation (Martens 2010), the products are taken on a sub-batch
   (``curvature_batch``, a quarter of the examples by default) while g and both losses of ρ use
-  the whole batch, and L(θ) is the trainer's own forward. The diagonal-Fisher metric is an EMA of
+  the whole batch, and L(θ) is the trainer's own forward. A sub-batch's Gauss–Newton matrix has
+  rank ≤ its examples × classes, so g leaves its range and the model sees no curvature there;
+  ``adaptive_damping`` adds λI with λ the curvature the model missed along the previous step
+  (:func:`missed_curvature`, a secant estimate from the two losses ρ already has). The diagonal-Fisher metric is an EMA of
   squared gradients (β = ``fisher_beta``), normalised to mean 1 so that Δ keeps the units of a
   parameter norm. Dropout is switched off (ρ compares two losses of one deterministic function).
   The rank schedule keeps a budget of rank-1 components (row i of A with column i of B) trainable,
@@ -71,7 +74,11 @@ class CTRConfig:
             (every round(1/f)-th example of the global batch; 1.0 = all); g and ρ use the whole batch.
         rho_batch: ``same`` (ρ on the step's batch, the seed's rule) or ``next`` (both losses of ρ
             on the next step's batch: does the step generalise beyond the batch it was fitted to?).
-        damping: λ added to the curvature (H + λI); 0 keeps the model exact.
+        damping: λ added to the curvature (H + λI); 0 keeps the model exact. With ``adaptive_damping``
+            the starting λ, which then follows the curvature missed along each step.
+        adaptive_damping: after each step set λ ← ½λ + ½·(the curvature the model missed along δ)
+            (:func:`missed_curvature`; no extra forward). Only with ``rho_batch=same`` (with ``next``
+            the two losses come from another batch and λ stays ``damping``).
         fisher_beta: EMA factor of the squared-gradient Fisher metric and of the rank schedule's
             curvature diagonal and utility.
         rank_budget: fraction of rank-1 components kept trainable (1.0 = no rank schedule).
@@ -91,6 +98,7 @@ class CTRConfig:
     curvature_batch: float = 0.25
     rho_batch: str = "same"
     damping: float = 0.0
+    adaptive_damping: bool = True
     fisher_beta: float = 0.95
     rank_budget: float = 1.0
     rank_every: int = 10
@@ -127,6 +135,21 @@ class CTRConfig:
 
     def callbacks(self) -> list[Callback]:
         return [TrustRegionStep(self)]
+
+
+def missed_curvature(damping: float, predicted: float, actual: float, step_sq: float) -> float:
+    """The damping λ that would have made the step's model exact along δ, at least 0.
+
+    Along δ the loss is ``L(θ+δ) ≈ L(θ) + g·δ + ½ c ‖δ‖²``; the model had ``c_m = δᵀHδ/‖δ‖² + λ``,
+    so ``L(θ+δ) − L(θ) − m(δ) = ½ (c − c_m) ‖δ‖²`` and the secant curvature needs
+    ``λ + 2 (predicted − actual) / ‖δ‖²`` (predicted = −m(δ), actual = L(θ) − L(θ+δ)). Too small a
+    model curvature (ρ < 1) raises λ, too large (ρ > 1) lowers it — the Levenberg–Marquardt
+    direction (Moré 1978; Martens 2010 §4.1 adjusts λ by ρ in fixed factors), here by the measured
+    amount.
+    """
+    if step_sq <= 0:
+        return damping
+    return max(0.0, damping + 2.0 * (predicted - actual) / step_sq)
 
 
 # --------------------------------------------------------------------------- rank schedule
@@ -194,6 +217,7 @@ class TrustRegionStep(Callback):
     def __init__(self, cfg: CTRConfig) -> None:
         self.cfg = cfg
         self.radius = cfg.radius
+        self.damping = cfg.damping
         self.fisher: Optional[Vector] = None
         self.curvature: Optional[Vector] = None     # EMA of the Hutchinson curvature diagonal (rank schedule)
         self.utility: Optional[torch.Tensor] = None
@@ -273,11 +297,12 @@ class TrustRegionStep(Callback):
         metric = self._metric(grad)
         sub = closure.every(max(1, round(1 / cfg.curvature_batch)))
         with double_differentiable_attention():
-            operator = CurvatureOperator(sub.pieces, params, cfg.curvature, cfg.damping, cache=len(sub.pieces) == 1,
+            operator = CurvatureOperator(sub.pieces, params, cfg.curvature, 0.0, cache=len(sub.pieces) == 1,
                                          reduce=closure.reduce)
             if operator.cache:
                 operator.losses()             # builds the graph every product reuses
-            mask = self._rank_mask(trainer, grad, operator)
+            mask = self._rank_mask(trainer, grad, operator)    # the curvature diagonal without damping
+            operator.damping = self.damping
             if mask is not None:
                 grad = grad * mask
             hvp = operator if mask is None else (lambda v: mask * operator(mask * v))
@@ -293,15 +318,19 @@ class TrustRegionStep(Callback):
         predicted = -result.model_value
         actual = judged_before - loss_after
         rho = actual / predicted if predicted > 0 else 0.0   # no predicted decrease (g = 0): reject
-        radius_used = self.radius
+        radius_used, damping_used = self.radius, self.damping
         accepted, self.radius = update_radius(rho, self.radius, result.boundary, cfg)
+        if cfg.adaptive_damping and judge is closure:
+            target = missed_curvature(self.damping, predicted, actual, float(result.step @ result.step))
+            self.damping = 0.5 * self.damping + 0.5 * target
         if not accepted:
             with torch.no_grad():
                 for p, old in zip(params, saved):
                     p.copy_(old)
         self.last = {"rho": rho, "radius": radius_used, "accepted": float(accepted),
                      "cg_iters": float(result.iters), "boundary": float(result.boundary),
-                     "pred_reduction": predicted, "actual_reduction": actual, "loss_before": closure.start_loss}
+                     "pred_reduction": predicted, "actual_reduction": actual, "loss_before": closure.start_loss,
+                     "damping": damping_used}
         if judge is not closure:
             self.last["next_loss_before"] = judged_before
         if self.active is not None:
@@ -311,10 +340,11 @@ class TrustRegionStep(Callback):
         return dict(self.last)
 
     def state_dict(self) -> dict:
-        return {"radius": self.radius, "fisher": self.fisher, "curvature": self.curvature, "utility": self.utility,
+        return {"radius": self.radius, "damping": self.damping, "fisher": self.fisher, "curvature": self.curvature, "utility": self.utility,
                 "active": self.active}
 
     def load_state_dict(self, state: dict) -> None:
         self.radius = state["radius"]
+        self.damping = state.get("damping", self.cfg.damping)
         self.fisher, self.utility, self.active = state["fisher"], state["utility"], state["active"]
         self.curvature = state.get("curvature")
