@@ -19,9 +19,10 @@ from where:
   the whole batch, and L(θ) is the trainer's own forward. A sub-batch's Gauss–Newton matrix has
   rank ≤ its examples × classes, so g leaves its range and the model sees no curvature there;
   ``adaptive_damping`` adds λI with λ the curvature the model missed along the previous step
-  (:func:`missed_curvature`, a secant estimate from the two losses ρ already has). The diagonal-Fisher metric is an EMA of
-  squared gradients (β = ``fisher_beta``), normalised to mean 1 so that Δ keeps the units of a
-  parameter norm. Dropout is switched off (ρ compares two losses of one deterministic function).
+  (:func:`missed_curvature`, a secant estimate from the two losses ρ already has). The
+  diagonal-Fisher metric is an EMA of squared gradients (β = ``fisher_beta``), normalised to mean
+  1 so that Δ keeps the units of a parameter norm. Dropout is switched off (ρ compares two losses
+  of one deterministic function).
   The rank schedule keeps a budget of rank-1 components (row i of A with column i of B) trainable,
   re-chosen every ``rank_every`` steps by the predicted decrease of a diagonal-Newton step
   ``½ ‖g‖²/(h̄ + λ)`` per factor, h̄ the component's mean of a Hutchinson estimate of the curvature
@@ -144,7 +145,7 @@ def missed_curvature(damping: float, predicted: float, actual: float, step_sq: f
     so ``L(θ+δ) − L(θ) − m(δ) = ½ (c − c_m) ‖δ‖²`` and the secant curvature needs
     ``λ + 2 (predicted − actual) / ‖δ‖²`` (predicted = −m(δ), actual = L(θ) − L(θ+δ)). Too small a
     model curvature (ρ < 1) raises λ, too large (ρ > 1) lowers it — the Levenberg–Marquardt
-    direction (Moré 1978; Martens 2010 §4.1 adjusts λ by ρ in fixed factors), here by the measured
+    direction (Moré 1978; Martens 2010 adjusts λ by ρ in fixed factors), here by the measured
     amount.
     """
     if step_sq <= 0:
@@ -340,8 +341,8 @@ class TrustRegionStep(Callback):
         return dict(self.last)
 
     def state_dict(self) -> dict:
-        return {"radius": self.radius, "damping": self.damping, "fisher": self.fisher, "curvature": self.curvature, "utility": self.utility,
-                "active": self.active}
+        return {"radius": self.radius, "damping": self.damping, "fisher": self.fisher, "curvature": self.curvature,
+                "utility": self.utility, "active": self.active}
 
     def load_state_dict(self, state: dict) -> None:
         self.radius = state["radius"]
