@@ -125,7 +125,7 @@ def singular_triplets(W: Matrix, r: int, minor: bool = False) -> tuple[torch.Ten
     wide = W.shape[0] < W.shape[1]
     first = 0 if minor else k - r
     X = _eigenvectors(gram(W), first, first + r - 1).flip(1).to(W.device)   # descending
-    Y = _times(W, X) if wide else _times_rows(W, X)                         # X holds W's (Wᵀ's) right vectors
+    Y = _transposed_times(W, X) if wide else _times_rows(W, X)     # X holds W's (Wᵀ's) right vectors
     S = Y.norm(dim=0)
     Y /= S.clamp_min(torch.finfo(S.dtype).tiny)
     U, V = (X, Y) if wide else (Y, X)
@@ -138,7 +138,7 @@ def _times_rows(W: Matrix, X: torch.Tensor) -> torch.Tensor:
     return torch.cat([_rows(W, i, i + step).double() @ X for i in range(0, W.shape[0], step)])
 
 
-def _times(W: Matrix, X: torch.Tensor) -> torch.Tensor:
+def _transposed_times(W: Matrix, X: torch.Tensor) -> torch.Tensor:
     """``Wᵀ X`` (fp64): from column chunks of a tensor, summed over row chunks of a :class:`Rows`."""
     if isinstance(W, torch.Tensor):
         return _times_rows(W.T, X)
