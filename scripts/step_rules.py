@@ -15,7 +15,8 @@ axis is the point). The rules and their settings (``RULES``):
   100-step run unpreconditioned);
 - ``ctr``: the defaults (GGN curvature, Euclidean trust region, Δ0 = 0.1, ≤ 5 CG iterations,
   curvature products on a quarter of the batch);
-- ``ctr_fixed``: the defaults without ``adaptive_damping`` (λ = 0);
+- ``ctr_secant``: the defaults without ``relative_damping`` (λ from the secant alone);
+- ``ctr_fixed``: the defaults without ``adaptive_damping`` and ``relative_damping`` (λ = 0);
 - ``ctr_full``: curvature products on the whole batch with ≤ 10 CG iterations and no damping (the
   defaults before the cost change), for the side-by-side comparison;
 - ``ctr_next``: the defaults with ρ judged on the next step's batch (``rho_batch=next``).
@@ -42,8 +43,10 @@ RULES = {
     "loraplus": ["optimizer=loraplus", "optimizer.lr=2.5e-4", "optimizer.ratio=16"],
     "reflora": ["optimizer=reflora", "optimizer.lr=1e-3", "optimizer.warmup=10"],
     "ctr": ["optimizer=ctr"],
-    "ctr_fixed": ["optimizer=ctr", "optimizer.adaptive_damping=false"],
-    "ctr_full": ["optimizer=ctr", "optimizer.curvature_batch=1.0", "optimizer.cg_iters=10", "optimizer.adaptive_damping=false"],
+    "ctr_secant": ["optimizer=ctr", "optimizer.relative_damping=0"],
+    "ctr_fixed": ["optimizer=ctr", "optimizer.adaptive_damping=false", "optimizer.relative_damping=0"],
+    "ctr_full": ["optimizer=ctr", "optimizer.curvature_batch=1.0", "optimizer.cg_iters=10", "optimizer.adaptive_damping=false",
+                 "optimizer.relative_damping=0"],
     "ctr_next": ["optimizer=ctr", "optimizer.rho_batch=next"],
 }
 TASK_DIR = {"sst2": "SST-2", "rte": "RTE"}

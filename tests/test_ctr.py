@@ -86,6 +86,25 @@ def test_cg_stops_at_its_iteration_limit_inside_the_region() -> None:
     assert got.model_value < 0
 
 
+def test_cg_reuses_the_callers_first_product() -> None:
+    """``first_product`` = H·(−M⁻¹g) replaces CG's first product: the same step, one product fewer
+    (kills a first product taken along g instead of M⁻¹g, and one that is ignored)."""
+    H, g, M = spd(6, 2), torch.randn(6, dtype=F64), torch.tensor([0.5, 1.0, 2.0, 1.5, 3.0, 0.8], dtype=F64)
+    products: list[int] = []
+
+    def hvp(v: torch.Tensor) -> torch.Tensor:
+        products.append(1)
+        return H @ v
+
+    plain = steihaug_cg(g, hvp, radius=1e6, metric=M, max_iters=4, tol=1e-12)
+    used = len(products)
+    products.clear()
+    reused = steihaug_cg(g, hvp, radius=1e6, metric=M, max_iters=4, tol=1e-12, first_product=H @ (-g / M))
+    assert len(products) == used - 1
+    torch.testing.assert_close(reused.step, plain.step, rtol=1e-12, atol=1e-12)
+    assert reused.model_value == pytest.approx(plain.model_value, rel=1e-12)
+
+
 # --------------------------------------------------------------------------- 2. the ρ rule
 CFG = CTRConfig(radius=1.0, max_radius=3.0)
 
@@ -622,33 +641,42 @@ def test_missed_curvature_makes_the_model_exact_along_the_step() -> None:
 def test_adaptive_damping_follows_the_missed_curvature_into_the_next_model(run_cli, tmp_path: Path,
                                                                            monkeypatch) -> None:
     """With ``adaptive_damping`` (the default), step k+1's CG runs on ``H + λ_{k+1} I`` with
-    ``λ_{k+1} = ½ λ_k + ½ missed_curvature(λ_k, predicted_k, actual_k, ‖δ_k‖²)`` — checked on the operator
-    CG receives and on the logged ``damping``, from each step's own δ and reductions; with
-    ``adaptive_damping=false``, and with ``rho_batch=next`` (whose two losses are another batch's),
-    λ stays at ``damping``. λ must move at all here (a curvature sub-batch
-    of 2 of 8 examples misses curvature), so a rule that never updates it cannot pass."""
+    ``λ_{k+1} = max(½ λ_k + ½ missed_curvature(λ_k, predicted_k, actual_k, ‖δ_k‖²), c·r_{k+1})``, r the
+    Rayleigh quotient of the undamped sub-batch curvature along −g and c ``relative_damping`` —
+    checked on the operator CG receives (r re-measured here with a fresh product) and on the logged
+    ``damping``, from each step's own δ and reductions; with ``adaptive_damping=false``, and with
+    ``rho_batch=next`` (whose two losses are another batch's), the secant part stays at ``damping``.
+    λ must move at all here (a curvature sub-batch of 2 of 8 examples misses curvature), so a rule
+    that never updates it cannot pass; with c = 0.2 the floor must bind on some step, so a floor
+    that is dropped, or taken along another vector, cannot pass either."""
     real_cg = ctr.steihaug_cg
     calls: list[dict] = []
 
     def cg_spy(grad, hvp, radius, *args, **kwargs):
         result = real_cg(grad, hvp, radius, *args, **kwargs)
-        calls.append({"damping": hvp.damping, "step_sq": float(result.step @ result.step)})
+        seen = ctr.curvature_along(-grad, hvp(-grad)) - hvp.damping            # undamped, along −g
+        calls.append({"damping": hvp.damping, "step_sq": float(result.step @ result.step), "along_g": seen})
         return result
 
     monkeypatch.setattr(ctr, "steihaug_cg", cg_spy)
-    for adaptive, rho_batch in ((True, "same"), (False, "same"), (True, "next")):
+    for adaptive, rho_batch, relative in ((True, "same", 0.0), (False, "same", 0.0), (True, "next", 0.0),
+                                          (True, "same", 0.2), (False, "same", 0.2)):
         calls.clear()
-        run = tmp_path / f"adaptive-{adaptive}-{rho_batch}"
+        run = tmp_path / f"adaptive-{adaptive}-{rho_batch}-{relative}"
         assert (r := run_cli("train", f"output_dir={run}", *TINY, "+optim=ctr", "max_steps=4", "model.dropout=0.0",
                              "optimizer.radius=1.0", "optimizer.damping=0.01", f"optimizer.rho_batch={rho_batch}",
-                             f"optimizer.adaptive_damping={str(adaptive).lower()}")).code == 0, r.text
+                             f"optimizer.adaptive_damping={str(adaptive).lower()}",
+                             f"optimizer.relative_damping={relative}")).code == 0, r.text
         adaptive = adaptive and rho_batch == "same"
         rows = records(run)
         assert [c["damping"] for c in calls] == pytest.approx([r["damping"] for r in rows])
-        expected = [0.01]
+        secant, expected, binds = 0.01, [], []
         for row, call in zip(rows, calls):
+            expected.append(max(secant, relative * call["along_g"]))
+            binds.append(relative * call["along_g"] > 1.1 * secant)
             target = ctr.missed_curvature(expected[-1], row["pred_reduction"], row["actual_reduction"], call["step_sq"])
-            expected.append(0.5 * expected[-1] + 0.5 * target if adaptive else 0.01)
-        assert [c["damping"] for c in calls] == pytest.approx(expected[:-1], rel=1e-6)
+            secant = 0.5 * expected[-1] + 0.5 * target if adaptive else 0.01
+        assert [c["damping"] for c in calls] == pytest.approx(expected, rel=1e-5)
         if adaptive:
             assert max(abs(d - 0.01) for d in expected) > 1e-3
+        assert any(binds) == bool(relative), binds

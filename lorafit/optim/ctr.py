@@ -19,7 +19,11 @@ from where:
   the whole batch, and L(θ) is the trainer's own forward. A sub-batch's Gauss–Newton matrix has
   rank ≤ its examples × classes, so g leaves its range and the model sees no curvature there;
   ``adaptive_damping`` adds λI with λ the curvature the model missed along the previous step
-  (:func:`missed_curvature`, a secant estimate from the two losses ρ already has). The
+  (:func:`missed_curvature`, a secant estimate from the two losses ρ already has), and at least
+  ``relative_damping`` × the curvature the sub-batch sees along CG's first direction −M⁻¹g
+  (:func:`curvature_along`; CG reuses that product for its first iteration): the secant only sees the step's own batch, on which
+  a long step into the directions the sub-batch is blind to looks fine while it raises the other
+  batches' loss. The
   diagonal-Fisher metric is an EMA of squared gradients (β = ``fisher_beta``), normalised to mean
   1 so that Δ keeps the units of a parameter norm. Dropout is switched off (ρ compares two losses
   of one deterministic function).
@@ -80,6 +84,10 @@ class CTRConfig:
         adaptive_damping: after each step set λ ← ½λ + ½·(the curvature the model missed along δ)
             (:func:`missed_curvature`; no extra forward). Only with ``rho_batch=same`` (with ``next``
             the two losses come from another batch and λ stays ``damping``).
+        relative_damping: each step's λ is at least this multiple of the sub-batch curvature along
+            CG's first direction −M⁻¹g (:func:`curvature_along`): the curvature the sub-batch does
+            see stands in for what its low-rank Gauss–Newton matrix cannot (0: no floor). No extra
+            product: CG reuses it for its first iteration.
         fisher_beta: EMA factor of the squared-gradient Fisher metric and of the rank schedule's
             curvature diagonal and utility.
         rank_budget: fraction of rank-1 components kept trainable (1.0 = no rank schedule).
@@ -100,6 +108,7 @@ class CTRConfig:
     rho_batch: str = "same"
     damping: float = 0.0
     adaptive_damping: bool = True
+    relative_damping: float = 0.2
     fisher_beta: float = 0.95
     rank_budget: float = 1.0
     rank_every: int = 10
@@ -118,6 +127,7 @@ class CTRConfig:
         check_range("optimizer.cg_tol", self.cg_tol, 0, 1, low_inclusive=False)
         check_range("optimizer.curvature_batch", self.curvature_batch, 0, 1, low_inclusive=False)
         check_range("optimizer.damping", self.damping, 0)
+        check_range("optimizer.relative_damping", self.relative_damping, 0)
         check_range("optimizer.fisher_beta", self.fisher_beta, 0, 1, high_inclusive=False)
         check_range("optimizer.rank_budget", self.rank_budget, 0, 1, low_inclusive=False)
         check_range("optimizer.rank_every", self.rank_every, 1)
@@ -136,6 +146,12 @@ class CTRConfig:
 
     def callbacks(self) -> list[Callback]:
         return [TrustRegionStep(self)]
+
+
+def curvature_along(direction: Vector, product: Vector) -> float:
+    """The Rayleigh quotient ``dᵀHd / ‖d‖²`` from d and its product Hd (0 for d = 0)."""
+    norm_sq = float(direction @ direction)
+    return float(direction @ product) / norm_sq if norm_sq > 0 else 0.0
 
 
 def missed_curvature(damping: float, predicted: float, actual: float, step_sq: float) -> float:
@@ -303,11 +319,15 @@ class TrustRegionStep(Callback):
             if operator.cache:
                 operator.losses()             # builds the graph every product reuses
             mask = self._rank_mask(trainer, grad, operator)    # the curvature diagonal without damping
-            operator.damping = self.damping
             if mask is not None:
                 grad = grad * mask
             hvp = operator if mask is None else (lambda v: mask * operator(mask * v))
-            result = steihaug_cg(grad, hvp, self.radius, metric, cfg.cg_iters, cfg.cg_tol)
+            first = -(grad if metric is None else grad / metric)       # CG's first direction
+            seen = hvp(first)                                           # H d₁, undamped
+            damping = max(self.damping, cfg.relative_damping * curvature_along(first, seen))
+            operator.damping = damping
+            result = steihaug_cg(grad, hvp, self.radius, metric, cfg.cg_iters, cfg.cg_tol,
+                                 first_product=seen + damping * first)
             operator.release()
         judge = closure if cfg.rho_batch == "same" else closure.of_step(trainer.step + 1)
         judged_before = closure.start_loss if judge is closure else judge.loss()
@@ -319,11 +339,11 @@ class TrustRegionStep(Callback):
         predicted = -result.model_value
         actual = judged_before - loss_after
         rho = actual / predicted if predicted > 0 else 0.0   # no predicted decrease (g = 0): reject
-        radius_used, damping_used = self.radius, self.damping
+        radius_used = self.radius
         accepted, self.radius = update_radius(rho, self.radius, result.boundary, cfg)
         if cfg.adaptive_damping and judge is closure:
-            target = missed_curvature(self.damping, predicted, actual, float(result.step @ result.step))
-            self.damping = 0.5 * self.damping + 0.5 * target
+            target = missed_curvature(damping, predicted, actual, float(result.step @ result.step))
+            self.damping = 0.5 * damping + 0.5 * target
         if not accepted:
             with torch.no_grad():
                 for p, old in zip(params, saved):
@@ -331,7 +351,7 @@ class TrustRegionStep(Callback):
         self.last = {"rho": rho, "radius": radius_used, "accepted": float(accepted),
                      "cg_iters": float(result.iters), "boundary": float(result.boundary),
                      "pred_reduction": predicted, "actual_reduction": actual, "loss_before": closure.start_loss,
-                     "damping": damping_used}
+                     "damping": damping}
         if judge is not closure:
             self.last["next_loss_before"] = judged_before
         if self.active is not None:

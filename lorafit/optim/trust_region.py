@@ -39,13 +39,15 @@ def _to_boundary(z: Vector, d: Vector, radius: float, metric: Optional[Vector]) 
 
 
 def steihaug_cg(grad: Vector, hvp: Callable[[Vector], Vector], radius: float,
-                metric: Optional[Vector] = None, max_iters: int = 10, tol: float = 0.1) -> CGResult:
+                metric: Optional[Vector] = None, max_iters: int = 10, tol: float = 0.1,
+                first_product: Optional[Vector] = None) -> CGResult:
     """Steihaug–Toint truncated CG for ``min g·δ + ½ δᵀHδ`` s.t. ``‖δ‖_M ≤ Δ``, ``‖x‖_M² = xᵀ diag(M) x``.
 
     Preconditioned CG with preconditioner M (Nocedal & Wright, Algorithm 7.2, with the M-norm of
     Conn, Gould & Toint §7.5): stops at negative curvature or the boundary (returning the boundary
     point along the current direction), or when ``‖r‖ ≤ tol·‖g‖``. ``m(δ)`` is tracked exactly
-    from the residual ``r = g + Hδ``, so no extra product is needed.
+    from the residual ``r = g + Hδ``, so no extra product is needed. ``first_product``: H applied
+    to the first direction ``−M⁻¹g``, when the caller already has it (saves that product).
     """
     z = torch.zeros_like(grad)
     r = grad.clone()
@@ -57,7 +59,7 @@ def steihaug_cg(grad: Vector, hvp: Callable[[Vector], Vector], radius: float,
     if g_norm == 0.0:
         return CGResult(z, 0, False, 0.0)
     for it in range(1, max_iters + 1):
-        Hd = hvp(d)
+        Hd = first_product if it == 1 and first_product is not None else hvp(d)
         dHd = float(d @ Hd)
         if dHd <= 0:
             tau = _to_boundary(z, d, radius, metric)
