@@ -22,7 +22,7 @@ axis is the point). The rules and their settings (``RULES``):
 - ``ctr_next``: the defaults with ρ judged on the next step's batch (``rho_batch=next``).
 
 A finished run (``results.json`` present) is not run again. The table gives the mean training loss
-over the first and last 10 % of steps, dev accuracy at the end, wall time, time per step relative to
+over the first and last 10 % of steps (``--window``: that many steps), dev accuracy at the end, wall time, time per step relative to
 AdamW, and CTR's acceptance rate and mean CG iterations. Time per step is given twice: wall-clock
 (meaningful on a quiet machine) and process CPU seconds (``cpu_s`` of ``metrics.jsonl``; with
 ``--threads 1`` it is the wall time a quiet machine would show, and it does not move when other
@@ -74,11 +74,13 @@ def run(name: str, seed: int, args: argparse.Namespace) -> None:
         print(f"{run_dir_.name} failed (exit {log.returncode}); see {run_dir_}.log", flush=True)
 
 
-def summarise(name: str, run: Path) -> dict:
+def summarise(name: str, run: Path, window: int = 0) -> dict:
+    """The figures of one run; the first and last ``window`` steps (0: 10 % of the run) make the
+    early and late loss."""
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "split" not in r]
     evals = [r for r in records if "split" in r]
-    tenth = max(1, len(train) // 10)
+    tenth = window or max(1, len(train) // 10)
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
     row = {"name": name, "steps": [r["step"] for r in train], "loss": [r["loss"] for r in train],
            "wall": [r["elapsed_s"] for r in train], "acc": evals[-1].get("eval/accuracy") if evals else None,
@@ -107,10 +109,11 @@ def average(rows: list[dict]) -> dict:
     return out
 
 
-def markdown(rows: list[dict]) -> str:
+def markdown(rows: list[dict], window: int = 0) -> str:
     base = next((r["train_s"] / len(r["steps"]) for r in rows if r["name"] == "adamw"), None)
     base_cpu = next((r["cpu_s"] / len(r["steps"]) for r in rows if r["name"] == "adamw"), None)
-    lines = ["| rule | settings | loss, first 10 % | loss, last 10 % | dev accuracy | wall time | s/step | "
+    span = f"{window} steps" if window else "10 %"
+    lines = [f"| rule | settings | loss, first {span} | loss, last {span} | dev accuracy | wall time | s/step | "
              "× AdamW | CPU s/step | × AdamW (CPU) | accepted | CG iters |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
@@ -160,6 +163,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seeds", type=int, nargs="*", default=[0],
                         help="seeds to run each rule with; the table gives the means over them")
+    parser.add_argument("--window", type=int, default=0,
+                        help="steps in the 'first'/'last' loss windows (default 10 %% of --steps)")
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--plot", type=Path, help="write loss vs step and vs wall-clock to this PNG")
     args = parser.parse_args()
@@ -172,10 +177,16 @@ def main() -> None:
     for name in args.rules:
         runs = [run_dir(args.out, name, seed) for seed in args.seeds]
         if all((r / "metrics.jsonl").is_file() for r in runs):
-            rows.append(average([summarise(name, r) for r in runs]))
+            per_seed = [summarise(name, r, args.window) for r in runs]
+            rows.append(average(per_seed))
+            rows[-1]["loss_first_per_seed"] = [r["loss_first"] for r in per_seed]
     (args.out / "summary.json").write_text(json.dumps(rows, indent=2))
     if args.markdown:
-        print(markdown(rows))
+        print(markdown(rows, args.window))
+        if len(args.seeds) > 1:
+            print(f"\nloss over the first window, per seed ({', '.join(map(str, args.seeds))}):")
+            for row in rows:
+                print(f"  {row['name']}: " + " / ".join(f"{x:.3f}" for x in row["loss_first_per_seed"]))
     if args.plot:
         seeds = f"seed {args.seeds[0]}" if len(args.seeds) == 1 else f"mean of seeds {', '.join(map(str, args.seeds))}"
         plot(rows, args.plot, f"MiniLM on {TASK_DIR[args.task]}, adapter={args.adapter}, {seeds}, "
