@@ -22,8 +22,8 @@ axis is the point). The rules and their settings (``RULES``):
 - ``ctr_next``: the defaults with ρ judged on the next step's batch (``rho_batch=next``).
 
 A finished run (``results.json`` present) is not run again. The table gives the mean training loss
-over the first and last 10 % of steps (``--window``: that many steps), dev accuracy at the end, wall time, time per step relative to
-AdamW, and CTR's acceptance rate and mean CG iterations. Time per step is given twice: wall-clock
+over the first and last 10 % of steps (``--window N``: N steps), dev accuracy at the end, wall time,
+time per step relative to AdamW, and CTR's acceptance rate and mean CG iterations. Time per step is given twice: wall-clock
 (meaningful on a quiet machine) and process CPU seconds (``cpu_s`` of ``metrics.jsonl``; with
 ``--threads 1`` it is the wall time a quiet machine would show, and it does not move when other
 work shares the CPUs), each as a ratio to AdamW's.

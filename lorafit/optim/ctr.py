@@ -21,12 +21,11 @@ from where:
   ``adaptive_damping`` adds λI with λ the curvature the model missed along the previous step
   (:func:`missed_curvature`, a secant estimate from the two losses ρ already has), and at least
   ``relative_damping`` × the curvature the sub-batch sees along CG's first direction −M⁻¹g
-  (:func:`curvature_along`; CG reuses that product for its first iteration): the secant only sees the step's own batch, on which
-  a long step into the directions the sub-batch is blind to looks fine while it raises the other
-  batches' loss. The
-  diagonal-Fisher metric is an EMA of squared gradients (β = ``fisher_beta``), normalised to mean
-  1 so that Δ keeps the units of a parameter norm. Dropout is switched off (ρ compares two losses
-  of one deterministic function).
+  (:func:`curvature_along`; CG reuses that product for its first iteration): the secant sees only
+  the step's own batch, on which a long step into the directions the sub-batch is blind to looks
+  fine while it raises the other batches' loss. The diagonal-Fisher metric is an EMA of squared
+  gradients (β = ``fisher_beta``), normalised to mean 1 so that Δ keeps the units of a parameter
+  norm. Dropout is switched off (ρ compares two losses of one deterministic function).
   The rank schedule keeps a budget of rank-1 components (row i of A with column i of B) trainable,
   re-chosen every ``rank_every`` steps by the predicted decrease of a diagonal-Newton step
   ``½ ‖g‖²/(h̄ + λ)`` per factor, h̄ the component's mean of a Hutchinson estimate of the curvature
