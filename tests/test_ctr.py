@@ -654,7 +654,8 @@ def test_adaptive_damping_follows_the_missed_curvature_into_the_next_model(run_c
 
     def cg_spy(grad, hvp, radius, *args, **kwargs):
         result = real_cg(grad, hvp, radius, *args, **kwargs)
-        seen = ctr.curvature_along(-grad, hvp(-grad)) - hvp.damping            # undamped, along −g
+        d = -grad
+        seen = float(d @ hvp(d)) / float(d @ d) - hvp.damping                   # undamped, along −g
         calls.append({"damping": hvp.damping, "step_sq": float(result.step @ result.step), "along_g": seen})
         return result
 
